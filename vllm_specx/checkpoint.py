@@ -1,0 +1,151 @@
+"""Drafter checkpoints: `speculators` format (config.json with `speculators_config`) + `specx_config.json`.
+
+A checkpoint folder holds:
+  config.json           speculators format; `speculators_model_type` = "specx_edd" (or "eagle3")
+  model.safetensors     the drafter's own tensors (embedding and LM head come from the target)
+  specx_config.json     vllm-specx settings (validated by `SpecxConfig`), incl. the target it was trained for
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+SPECX_CONFIG_NAME = "specx_config.json"
+SPECX_FORMAT_VERSION = 1
+EDD_SPECULATORS_TYPE = "specx_edd"
+VOCAB_MODES = ("full", "fixed", "speculative")
+
+
+class SpecxConfigError(ValueError):
+    """A malformed or inconsistent vllm-specx configuration; the message names the fix."""
+
+
+@dataclass
+class TargetSignature:
+    """What a drafter must match in the served model."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    name_or_path: str = ""
+
+
+@dataclass
+class SpecxConfig:
+    drafter: str  # "edd" | "eagle3"
+    target: TargetSignature
+    format_version: int = SPECX_FORMAT_VERSION
+    num_speculative_tokens: int = 5
+    vocab_mode: str = "full"  # SpecVocab switch: full | fixed | speculative
+    tree: dict[str, Any] = field(default_factory=dict)
+    early_stop: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> SpecxConfig:
+        if self.format_version != SPECX_FORMAT_VERSION:
+            raise SpecxConfigError(
+                f"specx_config.json has format_version {self.format_version}; this vllm-specx reads "
+                f"{SPECX_FORMAT_VERSION}. Re-export the drafter with this version's `vllm-specx train`."
+            )
+        if self.drafter not in ("edd", "eagle3"):
+            raise SpecxConfigError(f"specx_config.json: drafter must be 'edd' or 'eagle3', got {self.drafter!r}")
+        if self.vocab_mode not in VOCAB_MODES:
+            raise SpecxConfigError(f"specx_config.json: vocab_mode must be one of {VOCAB_MODES}, got {self.vocab_mode!r}")
+        if not isinstance(self.num_speculative_tokens, int) or not 1 <= self.num_speculative_tokens <= 64:
+            raise SpecxConfigError("specx_config.json: num_speculative_tokens must be an integer in [1, 64]")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers"):
+            value = getattr(self.target, name)
+            if not isinstance(value, int) or value <= 0:
+                raise SpecxConfigError(f"specx_config.json: target.{name} must be a positive integer, got {value!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "specx_config.json") -> SpecxConfig:
+        if not isinstance(data, dict):
+            raise SpecxConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise SpecxConfigError(f"{source}: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
+        for required in ("drafter", "target"):
+            if required not in data:
+                raise SpecxConfigError(f"{source}: missing required key {required!r}")
+        target = data["target"]
+        if not isinstance(target, dict):
+            raise SpecxConfigError(f"{source}: 'target' must be an object")
+        tknown = {f.name for f in fields(TargetSignature)}
+        if set(target) - tknown or not {"architecture", "vocab_size", "hidden_size", "num_hidden_layers"} <= set(target):
+            raise SpecxConfigError(
+                f"{source}: 'target' needs architecture, vocab_size, hidden_size, num_hidden_layers "
+                f"(optional name_or_path); got keys {sorted(target)}"
+            )
+        for key in ("tree", "early_stop", "training"):
+            if key in data and not isinstance(data[key], dict):
+                raise SpecxConfigError(f"{source}: {key!r} must be an object")
+        try:
+            cfg = cls(**{**data, "target": TargetSignature(**target)})
+        except TypeError as e:
+            raise SpecxConfigError(f"{source}: {e}") from e
+        return cfg.validate()
+
+
+def load_specx_config(folder: str | Path) -> SpecxConfig:
+    path = Path(folder) / SPECX_CONFIG_NAME
+    if not path.exists():
+        raise SpecxConfigError(
+            f"{path} is missing: {folder} is not a vllm-specx drafter checkpoint. "
+            "Export one with `vllm-specx train` or point `model` at a folder that has it."
+        )
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SpecxConfigError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt, re-export it.") from e
+    return SpecxConfig.from_dict(data, source=str(path))
+
+
+def edd_speculators_config(arch: dict[str, Any], target: TargetSignature, num_speculative_tokens: int) -> dict:
+    """config.json for an EDD drafter in the `speculators` layout."""
+    return {
+        "architectures": ["SpecxEddForCausalLM"],
+        "speculators_model_type": EDD_SPECULATORS_TYPE,
+        "speculators_version": "0.3.0",
+        "speculators_config": {
+            "algorithm": EDD_SPECULATORS_TYPE,
+            "default_proposal_method": "greedy",
+            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": num_speculative_tokens}],
+            "verifier": {"name_or_path": target.name_or_path or "unknown", "architectures": [target.architecture]},
+        },
+        "transformer_layer_config": {
+            "model_type": "llama",
+            "hidden_act": "silu",
+            "vocab_size": arch["vocab_size"],
+            "hidden_size": arch["hidden_size"],
+            "intermediate_size": arch["intermediate_size"],
+            "num_hidden_layers": 1,
+            "num_attention_heads": arch["num_attention_heads"],
+            "num_key_value_heads": arch["num_key_value_heads"],
+            "head_dim": arch["head_dim"],
+            "rms_norm_eps": arch["rms_norm_eps"],
+            "rope_theta": arch["rope_theta"],
+            "max_position_embeddings": arch["max_position_embeddings"],
+            "tie_word_embeddings": False,
+        },
+        "target_hidden_size": arch["target_hidden_size"],
+        "eagle_aux_hidden_state_layer_ids": [arch["target_layer_id"]],
+        "draft_vocab_size": arch["vocab_size"],
+    }
+
+
+def update_edd_pretrained_config(config_dict: dict, pre_trained_config: dict) -> None:
+    """vLLM speculators-algorithm hook: speculators config.json -> the HF config vLLM builds the model from."""
+    pre_trained_config["architectures"] = ["SpecxEddForCausalLM"]
+    pre_trained_config["target_hidden_size"] = config_dict.get("target_hidden_size", pre_trained_config.get("hidden_size"))
+    pre_trained_config["eagle_aux_hidden_state_layer_ids"] = config_dict["eagle_aux_hidden_state_layer_ids"]
+    pre_trained_config["draft_vocab_size"] = pre_trained_config["vocab_size"]

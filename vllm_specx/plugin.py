@@ -1,0 +1,53 @@
+"""`vllm.general_plugins` entry point: runs in every vLLM process (API server, engine core, workers).
+
+`register()` only adds names to vLLM's registries (lazily, by module path): it imports no model code,
+patches nothing and changes no behaviour unless a specx drafter is requested. It is idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger("vllm_specx")
+
+_REGISTERED = False
+EDD_ARCH = "SpecxEddForCausalLM"
+
+
+def register() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    _REGISTERED = True
+    _trace_process()
+
+    from vllm_specx.vllm_adapter.compat import version_problem
+
+    problem = version_problem()
+    if problem:
+        # Not fatal here: vLLM runs every plugin even when specx is not used. A specx drafter
+        # refuses to load on an unsupported vLLM (see vllm_adapter/edd_model.py).
+        logger.warning("vllm-specx: %s; specx drafters will refuse to load.", problem)
+        return
+
+    from vllm import ModelRegistry
+
+    if EDD_ARCH not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(EDD_ARCH, "vllm_specx.vllm_adapter.edd_model:SpecxEddForCausalLM")
+
+    from vllm.transformers_utils.configs.speculators.algos import SUPPORTED_SPECULATORS_TYPES
+
+    from vllm_specx.checkpoint import EDD_SPECULATORS_TYPE, update_edd_pretrained_config
+
+    SUPPORTED_SPECULATORS_TYPES.setdefault(EDD_SPECULATORS_TYPE, update_edd_pretrained_config)
+
+
+def _trace_process() -> None:
+    """Test hook: append this process's pid to $VLLM_SPECX_PLUGIN_TRACE (proves per-process loading)."""
+    path = os.environ.get("VLLM_SPECX_PLUGIN_TRACE")
+    if path:
+        import multiprocessing
+
+        with open(path, "a") as fh:
+            fh.write(f"{os.getpid()} {multiprocessing.current_process().name}\n")

