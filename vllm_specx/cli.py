@@ -259,6 +259,8 @@ SERVE = SimpleNamespace(
 SUBCOMMANDS: dict[str, str] = {
     "info": "vllm_specx.cli:INFO",
     "serve": "vllm_specx.cli:SERVE",
+    "demo": "vllm_specx.demo",
+    "train": "vllm_specx.training.cli",
 }
 
 

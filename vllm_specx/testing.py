@@ -20,6 +20,7 @@ class SpecMetrics:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     accepted_per_pos: list[int] = field(default_factory=list)
+    num_engine_steps: int = 0  # target forward passes (vLLM's iteration count); batch 1: one per step
 
     @property
     def mean_acceptance_length(self) -> float:
@@ -34,7 +35,8 @@ class SpecMetrics:
         per_pos = [a - (before.accepted_per_pos[i] if i < len(before.accepted_per_pos) else 0)
                    for i, a in enumerate(self.accepted_per_pos)]
         return SpecMetrics(self.num_drafts - before.num_drafts, self.num_draft_tokens - before.num_draft_tokens,
-                           self.num_accepted_tokens - before.num_accepted_tokens, per_pos)
+                           self.num_accepted_tokens - before.num_accepted_tokens, per_pos,
+                           self.num_engine_steps - before.num_engine_steps)
 
 
 @dataclass
@@ -60,6 +62,8 @@ def read_spec_metrics(llm) -> SpecMetrics:
             m.num_draft_tokens += int(metric.value)
         elif name == "vllm:spec_decode_num_accepted_tokens":
             m.num_accepted_tokens += int(metric.value)
+        elif name == "vllm:iteration_tokens_total":
+            m.num_engine_steps += int(metric.count)
         elif name == "vllm:spec_decode_num_accepted_tokens_per_pos":
             vals = [int(v) for v in metric.values]
             m.accepted_per_pos = [a + b for a, b in zip(vals, m.accepted_per_pos + [0] * len(vals))]

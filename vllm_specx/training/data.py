@@ -94,6 +94,52 @@ def training_prompts(cache: Path, num_code: int = 300, eval_files: list[Path] | 
     return drop_eval_overlap(prompts, eval_files or [])
 
 
+def stdlib_code_pairs(limit: int, seed: int = 0) -> list[tuple[str, str]]:
+    """(instruction, reference solution) pairs from documented standard-library functions."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    pairs = []
+    for path in sorted(p for p in stdlib.glob("*.py") if not p.name.startswith("_")):
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+                doc = ast.get_docstring(node)
+                code = ast.get_source_segment(source, node)
+                if doc and code and 40 <= len(doc) <= 600 and len(code) < 2500:
+                    args = ", ".join(a.arg for a in node.args.args)
+                    pairs.append((f"Write a Python function `{node.name}({args})`. {doc.splitlines()[0]}",
+                                  f"```python\n{code}\n```"))
+    random.Random(seed).shuffle(pairs)
+    return pairs[:limit]
+
+
+def alpaca_pairs(cache: Path) -> list[tuple[str, str]]:
+    alpaca_prompts(cache)  # ensures the file is cached
+    rows = json.loads((cache / "alpaca_en_demo.json").read_text())
+    return [((r["instruction"] + ("\n\n" + r["input"] if r.get("input") else "")).strip(), r["output"]) for r in rows]
+
+
+def reference_responses(target: str, pairs: list[tuple[str, str]], out_file: Path, max_len: int) -> None:
+    """Reference answers as responses (teacher-forced; no generation). The drafter still learns the
+    target's own distribution on them: labels are the target's top-k at every position."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(target)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    with out_file.open("w") as fh:
+        for prompt, answer in pairs:
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                          tokenize=True)
+            ids = list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
+            resp = tok(answer, add_special_tokens=False)["input_ids"] + ([end] if end is not None else [])
+            if len(ids) < max_len // 2:
+                fh.write(json.dumps({"prompt_ids": ids, "response_ids": resp[: max_len - len(ids)],
+                                     "source": "reference"}) + "\n")
+
+
 # ---------------------------------------------------------------- responses (vLLM)
 
 

