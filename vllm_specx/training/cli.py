@@ -48,7 +48,7 @@ def run(args) -> int:
     from vllm_specx.core.edd import default_arch_for_target
     from vllm_specx.training import data as D
     from vllm_specx.training.export import export_edd, target_signature
-    from vllm_specx.training.train_edd import TrainConfig, train_edd
+    from vllm_specx.training.train_edd import TrainConfig, target_init_tensors, train_edd
 
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     bad = [s for s in stages if s not in STAGES]
@@ -97,11 +97,13 @@ def run(args) -> int:
         with safe_open(str(Path(target) / "model.safetensors"), "pt") as f:
             embed = f.get_tensor("model.embed_tokens.weight").float()
             lm_head = f.get_tensor("lm_head.weight").float() if "lm_head.weight" in f.keys() else embed
+            n_layers = AutoConfig.from_pretrained(target).num_hidden_layers
+            init = target_init_tensors(f.get_tensor, n_layers)
         records = D.load_records(sorted((work / "records").glob("shard_*.safetensors")))
         cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_tokens=args.batch_tokens,
                           max_seq_len=args.max_seq_len, seed=args.seed)
         torch.manual_seed(args.seed)
-        drafter, report = train_edd(arch, embed, lm_head, records, cfg, work)
+        drafter, report = train_edd(arch, embed, lm_head, records, cfg, work, target_init=init)
         print(json.dumps({k: v for k, v in report.items() if k != "train"}, indent=2))
         out = export_edd(drafter, target_signature(target), args.out, args.num_speculative_tokens,
                          training={"report": report, "command": "vllm-specx train " + " ".join(_argv(args))})

@@ -77,6 +77,43 @@ def _collate(records: list[dict], idx: list[int], max_len: int):
     return tokens, hidden, topk_ids[:, 1:], topk_lp[:, 1:], loss_mask
 
 
+def target_init_tensors(get_tensor, num_layers: int) -> dict[str, torch.Tensor]:
+    """Start the drafter from the target's last decoder layer and final norm.
+
+    The LM head is the target's, so the output norm must match the target's (its gain sets the logit
+    scale; from 1.0 the initial draft distribution is nearly uniform). The last layer is a better prior
+    for a layer that feeds that head than random weights. `get_tensor(name)` reads the target's HF tensors.
+    """
+    last = f"model.layers.{num_layers - 1}."
+    names = {
+        "norm.weight": "model.norm.weight",
+        "layer.input_layernorm.weight": last + "input_layernorm.weight",
+        "layer.context_layernorm.weight": last + "input_layernorm.weight",
+        "layer.post_attention_layernorm.weight": last + "post_attention_layernorm.weight",
+    }
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        names[f"layer.{proj}.weight"] = last + f"self_attn.{proj}.weight"
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        names[f"layer.{proj}.weight"] = last + f"mlp.{proj}.weight"
+    return {mine: get_tensor(theirs) for mine, theirs in names.items()}
+
+
+@torch.no_grad()
+def balance_soft_prompt_norm_(drafter: EddDrafter, records: list[dict], max_tokens: int = 200_000) -> None:
+    """Initialise hidden_norm's per-channel gain to undo the target's massive activations.
+
+    Intermediate layers of Llama-family targets carry a few channels with RMS in the hundreds or
+    thousands (SmolLM2-135M layer 27: one channel ~1330 vs overall ~60). After RMSNorm those channels
+    dominate the soft prompt and the rest arrive ~100x smaller; learning the gain from 1.0 at Adam's
+    step size takes thousands of steps. Starting the gain at overall_rms / channel_rms gives every
+    channel unit scale from step one. (Same architecture: the gain is an ordinary weight.)
+    """
+    hs = torch.cat([r["hidden"].float() for r in records])[:max_tokens]  # [N, Ht]
+    channel_rms = hs.pow(2).mean(0).sqrt().clamp_min(1e-6)
+    token_rms = hs.pow(2).mean(-1).sqrt().mean()
+    drafter.hidden_norm.weight.copy_(token_rms / channel_rms)
+
+
 def soft_kl_loss(logits: torch.Tensor, topk_ids: torch.Tensor, topk_lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """logits [B,Sq,V]; topk_ids/lp [B,Sq,k]; mask [B,Sq] -> mean over masked queries."""
     logq = torch.log_softmax(logits.float(), dim=-1).gather(-1, topk_ids)  # [B,Sq,k]
@@ -87,8 +124,9 @@ def soft_kl_loss(logits: torch.Tensor, topk_ids: torch.Tensor, topk_lp: torch.Te
 
 def train_edd(
     arch: EddArchConfig, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor,
-    records: list[dict], cfg: TrainConfig, work_dir: Path,
+    records: list[dict], cfg: TrainConfig, work_dir: Path, target_init: dict[str, torch.Tensor] | None = None,
 ) -> tuple[EddDrafter, dict]:
+    """target_init: drafter tensor name -> target tensor to start from (see `target_init_tensors`)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rng = random.Random(cfg.seed)
@@ -101,6 +139,10 @@ def train_edd(
 
     drafter = EddDrafter(arch, embed_weight.float(), lm_head_weight.float())
     init_weights_(drafter, cfg.seed)
+    if target_init:
+        missing = drafter.load_state_dict({k: v.float() for k, v in target_init.items()}, strict=False)
+        assert not missing.unexpected_keys, missing.unexpected_keys
+    balance_soft_prompt_norm_(drafter, train_recs)
     opt = torch.optim.AdamW([p for p in drafter.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     steps_per_epoch = len(_batches(train_recs, cfg.batch_tokens, cfg.max_seq_len, random.Random(0)))
