@@ -49,6 +49,15 @@ def method_config(name: str, k: int) -> dict | None:
 
 
 def run_method(target: str, spec: dict | None, prompts: list[tuple[str, str]], batch: int, max_tokens: int):
+    """Each method in a fresh spawned process: engines do not share state, and vLLM 0.32 crashes when an
+    EAGLE-style engine starts in a process where the ngram proposer already imported numba/llvmlite."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_run_method, (target, spec, prompts, batch, max_tokens))
+
+
+def _run_method(target: str, spec: dict | None, prompts: list[tuple[str, str]], batch: int, max_tokens: int):
     from vllm_specx.testing import generate, make_llm, shutdown
 
     llm = make_llm(target, spec, dtype=os.environ.get("SPECX_BENCH_DTYPE", "bfloat16"), max_model_len=2048,
@@ -74,7 +83,7 @@ def run_method(target: str, spec: dict | None, prompts: list[tuple[str, str]], b
                 d["accepted_per_pos"] = [a + b * f for a, b in zip(d["accepted_per_pos"] or [0.0] * len(pp), pp)]
     finally:
         shutdown(llm)
-    return {c: summarize(dict(d)) for c, d in per_cat.items()}
+    return {c: summarize(dict(d)) for c, d in per_cat.items()}  # plain dicts: picklable
 
 
 def summarize(d: dict) -> dict:
