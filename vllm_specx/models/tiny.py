@@ -5,7 +5,6 @@ CPU attention in vLLM supports only some head sizes (32, 64, 80, ...), so heads 
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -66,7 +65,6 @@ def tiny_llama_path(
 
         if hidden_size % num_heads or (hidden_size // num_heads) not in (32, 64, 80, 96, 112, 128):
             raise ValueError(f"head_dim {hidden_size // num_heads} unsupported by vLLM's CPU attention")
-        tok_cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
         config = LlamaConfig(
             vocab_size=49152,
             hidden_size=hidden_size,
@@ -82,7 +80,6 @@ def tiny_llama_path(
             eos_token_id=2,
             torch_dtype="bfloat16",
         )
-        del tok_cfg
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
         # Larger-than-default init so that greedy decoding is not one repeated token forever.

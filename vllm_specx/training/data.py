@@ -53,26 +53,6 @@ def alpaca_prompts(cache: Path) -> list[str]:
     return [(r["instruction"] + ("\n\n" + r["input"] if r.get("input") else "")).strip() for r in rows]
 
 
-def stdlib_code_prompts(limit: int, seed: int = 0) -> list[str]:
-    """Code instructions from documented functions of the Python standard library."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in stdlib.glob("*.py") if not p.name.startswith("_"))
-    prompts = []
-    for path in files:
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError):
-            continue
-        for node in tree.body:
-            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
-                doc = ast.get_docstring(node)
-                if doc and 40 <= len(doc) <= 600:
-                    args = ", ".join(a.arg for a in node.args.args)
-                    prompts.append(f"Write a Python function `{node.name}({args})`. {doc.splitlines()[0]}\n\n{doc}")
-    random.Random(seed).shuffle(prompts)
-    return prompts[:limit]
-
-
 def drop_eval_overlap(prompts: list[str], eval_files: list[Path]) -> list[str]:
     """Remove prompts whose text appears in any evaluation file (never train on an evaluation set)."""
     eval_texts: set[str] = set()
@@ -87,11 +67,6 @@ def drop_eval_overlap(prompts: list[str], eval_files: list[Path]) -> list[str]:
                     if t:
                         eval_texts.add(t.strip()[:200])
     return [p for p in prompts if p.strip()[:200] not in eval_texts]
-
-
-def training_prompts(cache: Path, num_code: int = 300, eval_files: list[Path] | None = None) -> list[str]:
-    prompts = alpaca_prompts(cache) + stdlib_code_prompts(num_code)
-    return drop_eval_overlap(prompts, eval_files or [])
 
 
 def stdlib_code_pairs(limit: int, seed: int = 0) -> list[tuple[str, str]]:
