@@ -23,20 +23,26 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def load_prompts(spec: str, per_category: int) -> list[tuple[str, str]]:
-    """[(category, text)]; `spec_bench` or a JSONL path."""
-    path = ROOT.parent / "shared/data/spec_bench_question.jsonl" if spec == "spec_bench" else Path(spec)
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    by_cat: dict[str, list[str]] = defaultdict(list)
-    for r in rows:
-        text = (r.get("turns") or [r.get("question") or r.get("prompt")])[0]
-        by_cat[r.get("category", path.stem)].append(text)
-    return [(c, t) for c, texts in by_cat.items() for t in texts[:per_category]]
+def load_prompts(specs: list[str], per_category: int) -> list[tuple[str, str]]:
+    """[("set/category", text)] for built-in sets (spec_bench, mt_bench, humaneval) or JSONL paths."""
+    from vllm_specx.eval_sets import load_prompt_set
+
+    out = []
+    for spec in specs:
+        name = Path(spec).stem if spec.endswith(".jsonl") else spec
+        for cat, text in load_prompt_set(spec, per_category):
+            out.append((name if cat == name else f"{name}/{cat}", text))
+    return out
 
 
 def method_config(name: str, k: int) -> dict | None:
+    """none | ngram | edd (bundled drafter) | LABEL=DRAFTER_DIR (eagle3 path: EDD or EAGLE-3 drafter) |
+    LABEL={speculative config JSON}; in the JSON, "env": {...} sets environment variables for that
+    method's process (e.g. {"SPECX_EARLY_STOP": "0"})."""
     from vllm_specx.demo import BUNDLED_DRAFTER
 
+    if "={" in name:
+        return json.loads(name.split("=", 1)[1])
     if name == "none":
         return None
     if name == "ngram":
@@ -59,6 +65,10 @@ def run_method(target: str, spec: dict | None, prompts: list[tuple[str, str]], b
 
 def _run_method(target: str, spec: dict | None, prompts: list[tuple[str, str]], batch: int, max_tokens: int):
     from vllm_specx.testing import generate, make_llm, shutdown
+
+    if spec is not None and "env" in spec:
+        spec = dict(spec)
+        os.environ.update(spec.pop("env"))
 
     llm = make_llm(target, spec, dtype=os.environ.get("SPECX_BENCH_DTYPE", "bfloat16"), max_model_len=2048,
                    max_num_seqs=max(batch, 1))
@@ -93,6 +103,10 @@ def summarize(d: dict) -> dict:
     out["tokens_per_target_pass"] = d["output_tokens"] / d["target_passes"] if d.get("target_passes") else None
     out["mean_acceptance_length"] = 1 + d.get("accepted", 0) / drafts if drafts else None
     out["acceptance_rate_per_pos"] = [a / drafts for a in d.get("accepted_per_pos", [])] if drafts else []
+    # rejected draft tokens per target pass (every pass, drafted or not): the work early stop saves
+    passes = d.get("target_passes", 0)
+    out["wasted_draft_tokens_per_pass"] = (d.get("draft_tokens", 0) - d.get("accepted", 0)) / passes if passes else None
+    out["draft_tokens_per_pass"] = d.get("draft_tokens", 0) / passes if passes else None
     return out
 
 
@@ -154,7 +168,8 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     ap = argparse.ArgumentParser()
-    ap.add_argument("--prompts", default="spec_bench")
+    ap.add_argument("--prompts", nargs="+", default=["spec_bench", "mt_bench", "humaneval"],
+                    help="built-in sets (spec_bench, mt_bench, humaneval) or JSONL files with turns/question")
     ap.add_argument("--per-category", type=int, default=10)
     ap.add_argument("--methods", nargs="+", default=["none", "ngram", "edd"])
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1])
@@ -171,25 +186,44 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(target)
     prompts = [(c, tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False))
                for c, t in load_prompts(args.prompts, args.per_category)]
+    dtype = os.environ.get("SPECX_BENCH_DTYPE", "float32")
     result = {"target": "SmolLM2-135M-Instruct", "prompts": args.prompts, "num_prompts": len(prompts),
               "max_tokens": args.max_tokens, "k": args.k, "methods": args.methods, "batch_sizes": args.batch_sizes,
-              "dtype": os.environ.get("SPECX_BENCH_DTYPE", "bfloat16"), "machine": machine(),
+              "dtype": dtype, "machine": machine(),
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": {}}
+    specs = {m.split("=", 1)[0]: method_config(m, args.k) for m in args.methods}  # label -> speculative config
+    if len(specs) != len(args.methods):
+        raise SystemExit("method labels (the part before '=') must be distinct")
+    result["methods"], result["speculative_configs"] = list(specs), specs
     for batch in args.batch_sizes:
-        for m in args.methods:
-            per_cat = run_method(target, method_config(m, args.k), prompts, batch, args.max_tokens)
-            result["runs"][f"{m}@{batch}"] = {"per_category": per_cat, "overall": overall(per_cat)}
+        for m, spec in specs.items():
+            per_cat = run_method(target, spec, prompts, batch, args.max_tokens)
+            sets = sorted({c.split("/")[0] for c in per_cat})
+            result["runs"][f"{m}@{batch}"] = {
+                "per_category": per_cat, "overall": overall(per_cat),
+                "per_set": {s: overall({c: v for c, v in per_cat.items() if c.split("/")[0] == s}) for s in sets}}
+            _write(result, args.tag)  # partial results survive an interrupted run
             print(m, batch, json.dumps({k: v for k, v in result["runs"][f"{m}@{batch}"]["overall"].items()
                                         if k in ("tokens_per_s", "mean_acceptance_length", "tokens_per_target_pass")}))
-        base = result["runs"][f"none@{batch}"]["overall"]["tokens_per_s"] if "none" in args.methods else None
-        for m in args.methods:
-            o = result["runs"][f"{m}@{batch}"]["overall"]
-            o["speedup"] = o["tokens_per_s"] / base if base else None
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"acceptance_{args.tag}.json"
-    out.write_text(json.dumps(result, indent=2))
+        base = result["runs"][f"none@{batch}"]["overall"]["tokens_per_s"] if "none" in specs else None
+        for m in specs:
+            run = result["runs"][f"{m}@{batch}"]
+            for o, ref in [(run["overall"], result["runs"].get(f"none@{batch}", {}).get("overall"))] + [
+                    (run["per_set"][s], result["runs"].get(f"none@{batch}", {}).get("per_set", {}).get(s))
+                    for s in run["per_set"]]:
+                o["speedup"] = o["tokens_per_s"] / ref["tokens_per_s"] if base and ref else None
+    out = _write(result, args.tag)
     plot(result, out.with_suffix(".png"))
     print(f"wrote {out}")
+
+
+def _write(result: dict, tag: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"acceptance_{tag}.json"
+    tmp = out.with_suffix(".part")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out)
+    return out
 
 
 if __name__ == "__main__":

@@ -98,3 +98,16 @@ def test_internals_check_fails_loudly_on_a_changed_signature():
         check_vllm_internals(fake)
     text = str(err.value)
     assert "Attention.__init__ takes" in text and "no_such_module" in text and "Supported vLLM" in text
+
+
+def test_internals_check_only_what_the_runner_in_use_needs():
+    """A drafter under the V1 runner must not be refused because a V2-only internal moved (and vice versa)."""
+    from vllm_specx.vllm_adapter.compat import INTERNALS, Internal, VllmCompatError, check_vllm_internals
+
+    assert {e.runner for e in INTERNALS} == {"any", "v1", "v2"}
+    v2_gone = (Internal("vllm.v1.worker.gpu.no_such_module:Speculator", "test", runner="v2"),)
+    check_vllm_internals(v2_gone, runner="v1")
+    with pytest.raises(VllmCompatError, match="no_such_module"):
+        check_vllm_internals(v2_gone, runner="v2")
+    with pytest.raises(VllmCompatError, match="no_such_module"):
+        check_vllm_internals(v2_gone)  # the test suite checks both runners' entries

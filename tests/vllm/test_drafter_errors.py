@@ -1,6 +1,5 @@
 """Bad drafters fail at startup with a message that names the problem and the fix."""
 
-import shutil
 
 import pytest
 

@@ -3,8 +3,11 @@
   data    training prompts; the first --generate of them answered by the target through vLLM
           (greedy), the others paired with reference answers (Alpaca outputs, stdlib source)
   record  teacher-forced target pass: hidden state at the drafter layer + top-k distribution
-  fit     KL training of the drafter with the block mask
+  fit     KL training of the drafter (--drafter edd, or the eagle3 baseline) with the block mask
   export  speculators-format checkpoint + specx_config.json
+  early-stop  MCSD decision model (EDD only): examples from the trained drafter on recorded
+          sequences, MLP vs confidence-only logistic (held-out AUC / ECE), saved beside the drafter
+          (not in the default --stages; add it explicitly)
 Every stage skips work already on disk in --work-dir, so an interrupted run resumes.
 """
 
@@ -15,14 +18,14 @@ import os
 from pathlib import Path
 
 HELP = "train an EDD drafter for a target model (data -> record -> fit -> export)"
-STAGES = ("data", "record", "fit", "export")
+STAGES = ("data", "record", "fit", "export", "early-stop")
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--target", default="smollm2", help="HF folder of the target, or 'smollm2' (default)")
     parser.add_argument("--work-dir", required=True, help="where data, records and training state live")
     parser.add_argument("--out", required=True, help="checkpoint folder to write")
-    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {STAGES}")
+    parser.add_argument("--stages", default="data,record,fit,export", help=f"comma list of {STAGES}")
     parser.add_argument("--generate", type=int, default=64, help="prompts answered by the target via vLLM")
     parser.add_argument("--num-alpaca", type=int, default=999)
     parser.add_argument("--num-code", type=int, default=300)
@@ -32,7 +35,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-tokens", type=int, default=4096)
+    parser.add_argument("--max-block", type=int, default=8,
+                        help="longest drafting block seen in training (deepest draft depth + 1)")
     parser.add_argument("--num-speculative-tokens", type=int, default=5)
+    parser.add_argument("--drafter", choices=("edd", "eagle3"), default="edd",
+                        help="edd (specx's drafter) or eagle3 (the baseline, run by vLLM's own eagle3 method); "
+                             "both train on the same records with the same batches and schedule")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-files", nargs="*", default=None,
                         help="evaluation JSONL files whose prompts must never be trained on "
@@ -42,13 +50,13 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    import torch
     from transformers import AutoConfig
 
     from vllm_specx.core.edd import default_arch_for_target
     from vllm_specx.training import data as D
-    from vllm_specx.training.export import export_edd, target_signature
-    from vllm_specx.training.train_edd import TrainConfig, target_init_tensors, train_edd
+    from vllm_specx.core.eagle3 import eagle3_arch_for_target
+    from vllm_specx.training import fit as F
+    from vllm_specx.training.export import eagle3_aux_layer_ids, export_eagle3, export_edd, target_signature
 
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     bad = [s for s in stages if s not in STAGES]
@@ -64,7 +72,10 @@ def run(args) -> int:
         target = args.target
         if not (Path(target) / "config.json").exists():
             raise SystemExit(f"--target {target} has no config.json: give an HF model folder or 'smollm2'")
-    arch = default_arch_for_target(AutoConfig.from_pretrained(target))
+    target_cfg = AutoConfig.from_pretrained(target)
+    arch = default_arch_for_target(target_cfg)
+    aux_ids = eagle3_aux_layer_ids(target_cfg.num_hidden_layers)
+    record_layers = sorted({arch.target_layer_id, *aux_ids})  # one recording serves EDD and EAGLE-3
     eval_files = [Path(f) for f in args.eval_files] if args.eval_files is not None else [
         Path.cwd().parent / "shared/data/spec_bench_question.jsonl", Path.cwd().parent / "shared/data/gsm8k_test.jsonl"]
     responses = [work / "responses_generated.jsonl", work / "responses_reference.jsonl"]
@@ -72,7 +83,9 @@ def run(args) -> int:
     if "data" in stages:
         alpaca = D.alpaca_pairs(work)[: args.num_alpaca]
         code = D.stdlib_code_pairs(args.num_code, args.seed)
-        kept = set(D.drop_eval_overlap([p for p, _ in alpaca + code], eval_files))
+        from vllm_specx.eval_sets import eval_texts
+
+        kept = set(D.drop_eval_overlap([p for p, _ in alpaca + code], eval_files, eval_texts()))
         pairs = [pc for pc in alpaca + code if pc[0] in kept]
         gen_prompts = [p for p, _ in pairs[: args.generate]]
         D.generate_responses(target, gen_prompts, responses[0], args.max_new_tokens, args.max_seq_len + args.max_new_tokens)
@@ -80,7 +93,8 @@ def run(args) -> int:
         (work / "data_manifest.json").write_text(json.dumps({
             "generated": len(gen_prompts), "reference": len(pairs) - len(gen_prompts),
             "sources": ["llamafactory alpaca_en_demo.json", "python stdlib functions"],
-            "excluded_eval_files": [str(f) for f in eval_files]}, indent=2))
+            "excluded_eval_files": [str(f) for f in eval_files],
+            "excluded_eval_sets": ["spec_bench", "mt_bench", "humaneval"]}, indent=2))
     if "record" in stages:
         merged = work / "responses_all.jsonl"
         rows = []
@@ -90,24 +104,43 @@ def run(args) -> int:
         for r in rows:  # cap length: prompt + response <= max_seq_len
             r["response_ids"] = r["response_ids"][: max(0, args.max_seq_len - len(r["prompt_ids"]))]
         merged.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        D.record_target_states(target, merged, work / "records", arch.target_layer_id, topk=args.topk)
-    if "fit" in stages or "export" in stages:
+        D.record_target_states(target, merged, work / "records", record_layers, topk=args.topk)
+    drafter = None
+    if {"fit", "export", "early-stop"} & set(stages):
         from safetensors import safe_open
 
         with safe_open(str(Path(target) / "model.safetensors"), "pt") as f:
             embed = f.get_tensor("model.embed_tokens.weight").float()
             lm_head = f.get_tensor("lm_head.weight").float() if "lm_head.weight" in f.keys() else embed
-            n_layers = AutoConfig.from_pretrained(target).num_hidden_layers
-            init = target_init_tensors(f.get_tensor, n_layers)
-        records = D.load_records(sorted((work / "records").glob("shard_*.safetensors")))
-        cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_tokens=args.batch_tokens,
-                          max_seq_len=args.max_seq_len, seed=args.seed)
-        torch.manual_seed(args.seed)
-        drafter, report = train_edd(arch, embed, lm_head, records, cfg, work, target_init=init)
+            init = F.target_init_tensors(f.get_tensor, target_cfg.num_hidden_layers)
+        layers = [arch.target_layer_id] if args.drafter == "edd" else aux_ids
+        records = D.load_records(sorted((work / "records").glob("shard_*.safetensors")), layers)
+        cfg = F.TrainConfig(epochs=args.epochs, lr=args.lr, batch_tokens=args.batch_tokens,
+                            max_seq_len=args.max_seq_len, max_block=args.max_block, seed=args.seed)
+        train_recs, val_recs = F.split_records(records, cfg)
+    if "fit" in stages or "export" in stages:
+        if args.drafter == "edd":
+            drafter = F.build_edd(arch, embed, lm_head, train_recs, args.seed, target_init=init)
+        else:
+            drafter = F.build_eagle3(eagle3_arch_for_target(target_cfg, aux_ids), embed, lm_head, train_recs,
+                                     args.seed, target_init=init)
+        report = F.train_drafter(drafter, train_recs, val_recs, cfg, work, args.drafter)
         print(json.dumps({k: v for k, v in report.items() if k != "train"}, indent=2))
-        out = export_edd(drafter, target_signature(target), args.out, args.num_speculative_tokens,
-                         training={"report": report, "command": "vllm-specx train " + " ".join(_argv(args))})
-        print(f"exported EDD drafter to {out}")
+        export = export_edd if args.drafter == "edd" else export_eagle3
+        training = {"report": report, "command": "vllm-specx train " + " ".join(_argv(args))}
+        out = export(drafter, target_signature(target), args.out, args.num_speculative_tokens, training=training)
+        print(f"exported {args.drafter} drafter to {out}")
+    if "early-stop" in stages:
+        from vllm_specx.training.early_stop_data import train_decision_model
+        from vllm_specx.training.export import load_edd
+
+        if args.drafter != "edd":
+            raise SystemExit("the early-stop stage trains the decision model of an EDD drafter: use --drafter edd")
+        if drafter is None:
+            drafter, _ = load_edd(args.out, embed, lm_head)
+        report = train_decision_model(drafter, train_recs, val_recs, args.num_speculative_tokens, Path(args.out),
+                                      seed=args.seed)
+        print(json.dumps(report, indent=2))
     return 0
 
 

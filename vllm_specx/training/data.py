@@ -7,7 +7,8 @@ an evaluation file it is given.
 
 Records (one safetensors shard per `shard_size` sequences, so the stage resumes where it stopped):
   tokens_<i>   [S] int32     prompt + response token ids
-  hidden_<i>   [S, Ht] fp16  target hidden state at the drafter's layer (soft prompts)
+  hidden_<i>   [S, L, Ht] fp16  target hidden states at the recorded layers (EDD's soft-prompt layer
+                             and EAGLE-3's low/middle/high layers, so one recording trains both)
   topk_ids_<i> [S, k] int32  target top-k ids of the next-token distribution at each position
   topk_lp_<i>  [S, k] fp16   their log-probabilities (full-vocabulary normalised)
   meta: prompt_len per sequence
@@ -53,9 +54,10 @@ def alpaca_prompts(cache: Path) -> list[str]:
     return [(r["instruction"] + ("\n\n" + r["input"] if r.get("input") else "")).strip() for r in rows]
 
 
-def drop_eval_overlap(prompts: list[str], eval_files: list[Path]) -> list[str]:
-    """Remove prompts whose text appears in any evaluation file (never train on an evaluation set)."""
-    eval_texts: set[str] = set()
+def drop_eval_overlap(prompts: list[str], eval_files: list[Path], extra_texts: list[str] = ()) -> list[str]:
+    """Remove prompts whose text appears in any evaluation file or in `extra_texts` (never train on
+    an evaluation set)."""
+    eval_texts: set[str] = {t.strip()[:200] for t in extra_texts}
     for f in eval_files:
         if f.exists():
             for line in f.read_text().splitlines():
@@ -136,9 +138,10 @@ def generate_responses(target: str, prompts: list[str], out_file: Path, max_toke
     ]
     prompt_ids = [list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p) for p in prompt_ids]
     keep = max_model_len - max_tokens
-    llm = LLM(target, max_model_len=max_model_len, enforce_eager=True, seed=0)
+    # fp32: on CPUs without native bf16 (AVX2 only) bf16 matmuls are emulated and several times slower
+    llm = LLM(target, max_model_len=max_model_len, enforce_eager=True, seed=0, dtype="float32")
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    chunk = 64
+    chunk = 256  # vLLM batches these; bigger chunks keep the CPU busy, appends keep it resumable
     with out_file.open("a") as fh:
         for i in tqdm(range(0, len(prompt_ids), chunk), desc="generating responses", unit="batch"):
             batch = [ids[-keep:] for ids in prompt_ids[i : i + chunk]]
@@ -154,9 +157,10 @@ def generate_responses(target: str, prompts: list[str], out_file: Path, max_toke
 
 @torch.no_grad()
 def record_target_states(
-    target: str, responses_file: Path, out_dir: Path, layer_id: int, topk: int = 16, shard_size: int = 64,
+    target: str, responses_file: Path, out_dir: Path, layer_ids: list[int], topk: int = 16, shard_size: int = 64,
 ) -> list[Path]:
-    """Teacher-forced target forward over prompt+response: hidden state at `layer_id` and top-k."""
+    """Teacher-forced target forward over prompt+response: hidden states at `layer_ids` (vLLM aux
+    numbering = HF hidden_states index) and the top-k next-token distribution."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
@@ -178,27 +182,37 @@ def record_target_states(
             logp = torch.log_softmax(out.logits[0].float(), dim=-1)
             top_lp, top_ids = logp.topk(topk, dim=-1)
             tensors[f"tokens_{j}"] = ids[0].to(torch.int32)
-            tensors[f"hidden_{j}"] = out.hidden_states[layer_id][0].to(torch.float16)
+            tensors[f"hidden_{j}"] = torch.stack([out.hidden_states[i][0] for i in layer_ids], 1).to(torch.float16)
             tensors[f"topk_ids_{j}"] = top_ids.to(torch.int32)
             tensors[f"topk_lp_{j}"] = top_lp.to(torch.float16)
             prompt_lens.append(len(row["prompt_ids"]))
         tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"prompt_lens": json.dumps(prompt_lens), "layer_id": str(layer_id)})
+        save_file(tensors, str(tmp), metadata={"prompt_lens": json.dumps(prompt_lens), "layer_ids": json.dumps(layer_ids)})
         tmp.rename(path)
     return shards
 
 
-def load_records(shards: list[Path]) -> list[dict[str, torch.Tensor | int]]:
+def load_records(shards: list[Path], layer_ids: list[int]) -> list[dict[str, torch.Tensor | int]]:
+    """Records with `hidden` [S, len(layer_ids) * Ht]: the requested layers, concatenated in order."""
     from safetensors import safe_open
 
     records = []
     for path in shards:
         with safe_open(str(path), "pt") as f:
-            prompt_lens = json.loads(f.metadata()["prompt_lens"])
+            meta = f.metadata()
+            prompt_lens = json.loads(meta["prompt_lens"])
+            have = json.loads(meta["layer_ids"]) if "layer_ids" in meta else [int(meta["layer_id"])]
+            missing = [i for i in layer_ids if i not in have]
+            if missing:
+                raise ValueError(f"{path} holds target layers {have}, not {missing}: re-run the record stage "
+                                 "in a fresh --work-dir")
+            pick = [have.index(i) for i in layer_ids]
             for j, plen in enumerate(prompt_lens):
+                hidden = f.get_tensor(f"hidden_{j}")
+                hidden = hidden[:, None] if hidden.dim() == 2 else hidden  # single-layer shards: [S, Ht]
                 records.append({
                     "tokens": f.get_tensor(f"tokens_{j}").long(),
-                    "hidden": f.get_tensor(f"hidden_{j}"),
+                    "hidden": hidden[:, pick].flatten(1),
                     "topk_ids": f.get_tensor(f"topk_ids_{j}").long(),
                     "topk_lp": f.get_tensor(f"topk_lp_{j}"),
                     "prompt_len": plen,

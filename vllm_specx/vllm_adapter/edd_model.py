@@ -131,7 +131,8 @@ class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
 
         speculative_config = vllm_config.speculative_config
         assert speculative_config is not None
-        checks.check_environment_for_specx()
+        runner = "v2" if getattr(vllm_config, "use_v2_model_runner", False) else "v1"
+        checks.check_environment_for_specx(runner)
         checks.check_drafter_folder(speculative_config.draft_model_config.model)
         self.config = speculative_config.draft_model_config.hf_config
         checks.check_edd_against_target(self.config, vllm_config.model_config)
@@ -144,6 +145,8 @@ class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
         # The embedding and LM head always come from the target (the proposer shares them).
         self.has_own_embed_tokens = False
         self.has_own_lm_head = False
+        # MCSD early stop: a per-request draft-length controller when the drafter ships a decision model
+        self.draft_length = _draft_length_controller(speculative_config, runner)
 
     def embed_input_ids(self, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
@@ -158,7 +161,11 @@ class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
         return self.model(input_ids, positions, hidden_states, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
+        # vLLM's proposer calls this once per draft step, hidden_states [B, H] in batch order
+        logits = self.logits_processor(self.lm_head, hidden_states)
+        if self.draft_length is not None and logits is not None:
+            self.draft_length.observe(hidden_states, logits)  # may end the drafting loop early
+        return logits
 
     def combine_hidden_states(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # [T, Ht] target hidden state at the EDD layer -> soft-prompt context vector [T, H]
@@ -190,6 +197,33 @@ class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
                 f"EDD checkpoint is missing tensors {sorted(missing)}: it is truncated or not an EDD "
                 "drafter. Re-export it with `vllm-specx train`."
             )
+
+
+def _draft_length_controller(speculative_config, runner: str):
+    """specx_config.json `early_stop` -> controller + runner hooks; None (fixed K) when absent,
+    switched off with SPECX_EARLY_STOP=0, or under the V2 runner (its drafts stay on the GPU in a
+    fixed [B, K] block; the hooks are V1's)."""
+    import os
+
+    from vllm.logger import init_logger
+
+    from vllm_specx.checkpoint import load_specx_config
+
+    if os.environ.get("SPECX_EARLY_STOP", "1") == "0":
+        return None
+    folder = speculative_config.draft_model_config.model
+    specx = load_specx_config(folder)
+    if specx.early_stop and runner == "v2":
+        init_logger(__name__).warning(
+            "vllm-specx: the drafter's early-stop model needs vLLM's V1 model runner; drafting at fixed K. "
+            "Set VLLM_USE_V2_MODEL_RUNNER=0 (and no async scheduling) to use it.")
+        return None
+    from vllm_specx.vllm_adapter.draft_length import install_runner_hooks, load_controller
+
+    controller = load_controller(folder, specx.early_stop, speculative_config.num_speculative_tokens)
+    if controller is not None:
+        install_runner_hooks()
+    return controller
 
 
 _STACKED = {"q_proj": ("self_attn.qkv_proj", "q"), "k_proj": ("self_attn.qkv_proj", "k"),
