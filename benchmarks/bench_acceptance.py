@@ -1,12 +1,17 @@
 """Acceptance and speed benchmark: methods compared in one run, on one machine.
 
-  python benchmarks/bench_acceptance.py --prompts spec_bench --per-category 10 --batch-sizes 1 32 \
-      --methods none ngram edd [eagle3=/path/to/eagle3-drafter]
+  python benchmarks/bench_acceptance.py --prompts spec_bench mt_bench humaneval --per-category 4 \
+      --batch-sizes 1 32 --methods none ngram eagle3=DRAFTER_DIR edd=DRAFTER_DIR
+  (benchmarks/run_acceptance_smollm2_cpu.sh is the committed run)
 
-Per method and category: vLLM's mean acceptance length (1 + accepted/drafts; it counts only steps that
-drafted), acceptance per position, output tokens per target forward pass, output tokens/s, and speed-up
-over no speculation measured in the same run. Writes benchmarks/results/acceptance_<tag>.json + .png.
-Prompt sets: `spec_bench` (../shared/data), or any JSONL with `turns` or `question` fields.
+Per method, prompt set and category: vLLM's mean acceptance length (1 + accepted/drafts; it counts only
+steps that drafted), acceptance per position, output tokens per target forward pass, draft tokens
+(and rejected draft tokens) per target pass, output tokens/s, and speed-up over no speculation measured
+in the same run. Each method runs in its own spawned process. At batch > 1 a batch mixes categories;
+its counters are attributed to categories in proportion (overall and per-set figures are exact).
+Writes benchmarks/results/acceptance_<tag>.json (after every method, so an interrupted run keeps what
+it measured) + .png. Prompt sets: built-in `spec_bench` (six categories), `mt_bench`, `humaneval`, or
+any JSONL with `turns` or `question` fields.
 """
 
 from __future__ import annotations

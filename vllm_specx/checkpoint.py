@@ -55,13 +55,31 @@ class SpecxConfig:
             raise SpecxConfigError(f"specx_config.json: drafter must be 'edd' or 'eagle3', got {self.drafter!r}")
         if self.vocab_mode not in VOCAB_MODES:
             raise SpecxConfigError(f"specx_config.json: vocab_mode must be one of {VOCAB_MODES}, got {self.vocab_mode!r}")
-        if not isinstance(self.num_speculative_tokens, int) or not 1 <= self.num_speculative_tokens <= 64:
+        if not _is_int(self.num_speculative_tokens) or not 1 <= self.num_speculative_tokens <= 64:
             raise SpecxConfigError("specx_config.json: num_speculative_tokens must be an integer in [1, 64]")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers"):
             value = getattr(self.target, name)
-            if not isinstance(value, int) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise SpecxConfigError(f"specx_config.json: target.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.target.architecture, str) or not isinstance(self.target.name_or_path, str):
+            raise SpecxConfigError("specx_config.json: target.architecture and target.name_or_path must be strings")
+        self._validate_early_stop()
         return self
+
+    def _validate_early_stop(self) -> None:
+        es = self.early_stop
+        if not es:
+            return
+        if not isinstance(es.get("path"), str) or not es["path"] or Path(es["path"]).is_absolute() or ".." in es["path"]:
+            raise SpecxConfigError("specx_config.json: early_stop.path must name the decision model's folder inside "
+                                   f"the drafter folder (e.g. 'early_stop'), got {es.get('path')!r}")
+        threshold = es.get("threshold", 0.0)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+            raise SpecxConfigError(f"specx_config.json: early_stop.threshold must be a number in [0, 1], got {threshold!r}")
+        if not isinstance(es.get("enabled", True), bool):
+            raise SpecxConfigError("specx_config.json: early_stop.enabled must be true or false")
+        if "cost_model" in es and not isinstance(es["cost_model"], str):
+            raise SpecxConfigError("specx_config.json: early_stop.cost_model must be a file name in the drafter folder")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,6 +112,10 @@ class SpecxConfig:
         except TypeError as e:
             raise SpecxConfigError(f"{source}: {e}") from e
         return cfg.validate()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def load_specx_config(folder: str | Path) -> SpecxConfig:

@@ -76,7 +76,7 @@ class ChainStopController:
 
     def finish(self) -> list[int] | None:
         """Per-request lengths of the step that just ran (None: not armed, keep vLLM's lists)."""
-        lengths, self._armed = self._lengths, False
+        lengths, self._lengths, self._armed = self._lengths, None, False  # one use: never stale
         if lengths is not None:
             self.stats["steps"] += 1
             self.stats["kept"] += sum(lengths)
