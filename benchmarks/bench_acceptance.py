@@ -75,7 +75,7 @@ def _run_method(target: str, spec: dict | None, prompts: list[tuple[str, str]], 
         spec = dict(spec)
         os.environ.update(spec.pop("env"))
 
-    llm = make_llm(target, spec, dtype=os.environ.get("SPECX_BENCH_DTYPE", "bfloat16"), max_model_len=2048,
+    llm = make_llm(target, spec, dtype=os.environ.get("SPECX_BENCH_DTYPE", "float32"), max_model_len=2048,
                    max_num_seqs=max(batch, 1))
     per_cat: dict[str, dict] = defaultdict(lambda: defaultdict(float))
     try:
@@ -108,10 +108,15 @@ def summarize(d: dict) -> dict:
     out["tokens_per_target_pass"] = d["output_tokens"] / d["target_passes"] if d.get("target_passes") else None
     out["mean_acceptance_length"] = 1 + d.get("accepted", 0) / drafts if drafts else None
     out["acceptance_rate_per_pos"] = [a / drafts for a in d.get("accepted_per_pos", [])] if drafts else []
-    # rejected draft tokens per target pass (every pass, drafted or not): the work early stop saves
-    passes = d.get("target_passes", 0)
-    out["wasted_draft_tokens_per_pass"] = (d.get("draft_tokens", 0) - d.get("accepted", 0)) / passes if passes else None
-    out["draft_tokens_per_pass"] = d.get("draft_tokens", 0) / passes if passes else None
+    # per request and target pass, valid at any batch size: every pass of a request emits its accepted
+    # drafts + 1 token, so passes ~= output - accepted (exact unless a stop cuts an accepted run short)
+    req_passes = d["output_tokens"] - d.get("accepted", 0)
+    out["request_passes"] = req_passes
+    out["tokens_per_request_pass"] = d["output_tokens"] / req_passes if req_passes > 0 else None
+    # rejected draft tokens per request pass (drafted or not): the work early stop saves
+    wasted = d.get("draft_tokens", 0) - d.get("accepted", 0)
+    out["wasted_draft_tokens_per_pass"] = wasted / req_passes if req_passes > 0 else None
+    out["draft_tokens_per_pass"] = d.get("draft_tokens", 0) / req_passes if req_passes > 0 else None
     return out
 
 
@@ -139,20 +144,21 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = result["runs"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    names = list(result["methods"])
+    width = 0.8 / len(result["batch_sizes"])
+    panels = [("speedup", "speed-up over no speculation (wall time)"),
+              ("tokens_per_request_pass", "output tokens per target pass (per request)"),
+              ("wasted_draft_tokens_per_pass", "rejected draft tokens per target pass")]
     for batch in result["batch_sizes"]:
-        names = [m for m in result["methods"]]
-        sp = [runs[f"{m}@{batch}"]["overall"]["speedup"] for m in names]
-        tpp = [runs[f"{m}@{batch}"]["overall"]["tokens_per_target_pass"] or 0 for m in names]
-        x = range(len(names))
-        off = 0.4 * result["batch_sizes"].index(batch)
-        axes[0].bar([i + off for i in x], sp, width=0.4, label=f"batch {batch}")
-        axes[1].bar([i + off for i in x], tpp, width=0.4, label=f"batch {batch}")
-        axes[0].set_xticks(list(x), names)
-        axes[1].set_xticks(list(x), names)
+        off = width * result["batch_sizes"].index(batch)
+        for ax, (key, title) in zip(axes, panels):
+            vals = [runs[f"{m}@{batch}"]["overall"].get(key) or 0 for m in names]
+            ax.bar([i + off for i in range(len(names))], vals, width=width, label=f"batch {batch}")
+            ax.set_xticks(list(range(len(names))), names, rotation=20)
+            ax.set_title(title)
     axes[0].axhline(1.0, color="k", lw=0.8)
-    axes[0].set_title("speed-up over no speculation (wall time)")
-    axes[1].set_title("output tokens per target forward pass")
+    axes = [axes[0], axes[1], axes[3]]  # the per-category panel is the last one
     b1 = result["batch_sizes"][0]
     cats = sorted(runs[f"{result['methods'][0]}@{b1}"]["per_category"])
     for m in result["methods"]:
@@ -209,7 +215,8 @@ def main() -> None:
                 "per_set": {s: overall({c: v for c, v in per_cat.items() if c.split("/")[0] == s}) for s in sets}}
             _write(result, args.tag)  # partial results survive an interrupted run
             print(m, batch, json.dumps({k: v for k, v in result["runs"][f"{m}@{batch}"]["overall"].items()
-                                        if k in ("tokens_per_s", "mean_acceptance_length", "tokens_per_target_pass")}))
+                                        if k in ("tokens_per_s", "mean_acceptance_length", "tokens_per_request_pass",
+                                                 "wasted_draft_tokens_per_pass")}), flush=True)
         base = result["runs"][f"none@{batch}"]["overall"]["tokens_per_s"] if "none" in specs else None
         for m in specs:
             run = result["runs"][f"{m}@{batch}"]

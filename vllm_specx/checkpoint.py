@@ -64,7 +64,19 @@ class SpecxConfig:
         if not isinstance(self.target.architecture, str) or not isinstance(self.target.name_or_path, str):
             raise SpecxConfigError("specx_config.json: target.architecture and target.name_or_path must be strings")
         self._validate_early_stop()
+        self._validate_tree()
         return self
+
+    def _validate_tree(self) -> None:
+        tree = self.tree
+        if not isinstance(tree.get("enabled", False), bool):
+            raise SpecxConfigError("specx_config.json: tree.enabled must be true or false")
+        sib = tree.get("max_siblings", 3)
+        if isinstance(sib, bool) or not isinstance(sib, int) or not 1 <= sib <= 16:
+            raise SpecxConfigError(f"specx_config.json: tree.max_siblings must be an integer in [1, 16], got {sib!r}")
+        thr = tree.get("threshold", 0.0)
+        if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0.0 <= thr <= 1.0:
+            raise SpecxConfigError(f"specx_config.json: tree.threshold must be a number in [0, 1], got {thr!r}")
 
     def _validate_early_stop(self) -> None:
         es = self.early_stop
@@ -76,8 +88,9 @@ class SpecxConfig:
         threshold = es.get("threshold", 0.0)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
             raise SpecxConfigError(f"specx_config.json: early_stop.threshold must be a number in [0, 1], got {threshold!r}")
-        if not isinstance(es.get("enabled", True), bool):
-            raise SpecxConfigError("specx_config.json: early_stop.enabled must be true or false")
+        for flag in ("enabled", "online_calibration"):
+            if not isinstance(es.get(flag, True), bool):
+                raise SpecxConfigError(f"specx_config.json: early_stop.{flag} must be true or false")
         if "cost_model" in es and not isinstance(es["cost_model"], str):
             raise SpecxConfigError("specx_config.json: early_stop.cost_model must be a file name in the drafter folder")
 

@@ -238,6 +238,12 @@ def _serve_run(args: argparse.Namespace) -> int:
     problem = version_problem()
     if problem:
         print(f"vllm-specx serve: warning: {problem}; specx drafters will refuse to load", file=sys.stderr)
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # multiprocess mode: the API server's /metrics then also shows metrics counted in the engine
+        # process (specx's own, see vllm_adapter/prom_metrics.py); a fresh folder per server start
+        import tempfile
+
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="vllm-specx-metrics-")
     sys.stdout.flush()
     sys.stderr.flush()
     # Replace this process, so that its pid is the API server's (signals, process managers).
@@ -261,6 +267,7 @@ SUBCOMMANDS: dict[str, str] = {
     "serve": "vllm_specx.cli:SERVE",
     "demo": "vllm_specx.demo",
     "train": "vllm_specx.training.cli",
+    "calibrate": "vllm_specx.calibrate",
 }
 
 

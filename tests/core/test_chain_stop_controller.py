@@ -58,3 +58,52 @@ def test_threshold_follows_batch_size(confidence_model):
             pass
         kept[batch_threshold] = ctl.finish()[0]
     assert kept[0.2] > kept[0.9]
+
+
+def _one_step(ctl, req_ids, top1, num_sampled, k):
+    """One engine step as vLLM drives it: feedback for the step just verified, then k draft steps."""
+    ctl.feedback(req_ids, num_sampled)
+    ctl.begin(armed=True)
+    try:
+        for _ in range(k):
+            ctl.observe(torch.randn(len(req_ids), 8), _logits(top1))
+    except _AllStopped:
+        pass
+    return ctl.finish()
+
+
+def test_request_whose_drafts_were_all_rejected_drafts_less_next_step(confidence_model):
+    """Same confident drafts every step; request "a" had all its drafts rejected, "b" all accepted."""
+    from vllm_specx.core.early_stop import OnlineAcceptCalibration
+
+    k = 5
+    ctl = ChainStopController(DraftLengthPolicy(k, confidence_model), None, lambda b: 0.3, OnlineAcceptCalibration())
+    first = _one_step(ctl, ["a", "b"], [0.97, 0.97], [1, 1], k)  # prefill: nothing verified yet
+    assert first[0] == first[1] and first[0] >= 3
+    second = _one_step(ctl, ["a", "b"], [0.97, 0.97], [1, first[1] + 1], k)  # a: 0 accepted; b: all
+    assert second[0] < first[0], (first, second)
+    assert second[1] == first[1]
+    # a keeps being rejected: it stays short (evidence decays, so it never locks at zero for good)
+    lengths = [_one_step(ctl, ["a"], [0.97], [1], k)[0] for _ in range(12)]
+    assert max(lengths) < first[0] and lengths[-1] <= lengths[0], lengths
+    # ... and once its drafts are accepted again it drafts long again
+    again = [lengths[-1]]
+    for _ in range(8):  # every kept draft accepted: num_sampled = kept + 1
+        again.append(_one_step(ctl, ["a"], [0.97], [again[-1] + 1], k)[0])
+    assert again[-1] == first[0], again
+    # without calibration the same history changes nothing
+    plain = ChainStopController(DraftLengthPolicy(k, confidence_model), None, lambda b: 0.3)
+    assert _one_step(plain, ["a"], [0.97], [1], k) == _one_step(plain, ["a"], [0.97], [1], k) == [first[0]]
+
+
+def test_online_calibration_forgets_finished_requests():
+    from vllm_specx.core.early_stop import OnlineAcceptCalibration
+
+    cal = OnlineAcceptCalibration(decay=0.5, prior=1.0)
+    cal.update(["a", "b"], [0, 3], [3.0, 3.0])
+    s = cal.scales(["a", "b"])
+    assert s[0] == pytest.approx(1 / 4) and s[1] == pytest.approx(1.0)
+    cal.update(["b"], [0], [0.0])  # "a" finished
+    assert cal.scales(["a"]).item() == 1.0 and set(cal._sums) == {"b"}
+    with pytest.raises(ValueError):
+        OnlineAcceptCalibration(decay=1.0)

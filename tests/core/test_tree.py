@@ -170,3 +170,32 @@ def test_draft_tree_capacity_is_respected():
     exp = expand_level(torch.ones(1, 1), torch.ones(1, 1, dtype=torch.bool), probs, ids, 0.0, 4)
     new = append_level(tree, exp, frontier)
     assert new.tolist() == [[1, 2, -1, -1]] and tree.num_nodes.tolist() == [3]
+
+
+def test_chain_with_siblings_keeps_paying_siblings_within_budget():
+    from vllm_specx.core.tree import chain_with_siblings, check_tree
+
+    chain_ids = torch.tensor([[10, 11, 12], [20, 21, 22]])
+    chain_len = torch.tensor([3, 1])
+    chain_path = torch.tensor([[0.6, 0.4, 0.2], [0.5, 0.3, 0.1]])
+    sib_ids = torch.tensor([[[30, 31], [32, 33], [34, 35]], [[40, 41], [42, 43], [44, 45]]])
+    sib_probs = torch.tensor([[[0.3, 0.05], [0.25, 0.1], [0.2, 0.1]], [[0.4, 0.2], [0.3, 0.1], [0.3, 0.1]]])
+    tree = chain_with_siblings(chain_ids, chain_len, chain_path, sib_ids, sib_probs, 0.12, node_budget=4)
+    check_tree(tree.parents, tree.node_valid)
+    got = []
+    for b in range(2):
+        n = int(tree.node_valid[b].sum())
+        got.append({(int(tree.token_ids[b, i]), int(tree.parents[b, i])) for i in range(1, n)})
+        assert n - 1 <= 4
+    # request 0 (gains): chain 0.6, 0.4, 0.2; depth-0 sibs 0.3, 0.05; depth-1 sibs 0.6*.25=.15, .06;
+    # depth-2 sibs .4*.2=.08, .04 -> above 0.12 and best 4: chain 10 (.6), 11 (.4), sib 30 (.3), 12 (.2)
+    tok = {int(t): i for i, t in enumerate(tree.token_ids[0].tolist()) if tree.node_valid[0, i]}
+    assert set(tok) - {0} == {10, 11, 30, 12}
+    assert int(tree.parents[0, tok[30]]) == 0 and int(tree.parents[0, tok[11]]) == tok[10]
+    assert int(tree.parents[0, tok[12]]) == tok[11]
+    # request 1: chain cut at 1 (early stop): only depth-0 nodes and siblings of depth 1 hanging off 20
+    tok1 = {int(t) for i, t in enumerate(tree.token_ids[1].tolist()) if tree.node_valid[1, i]} - {0}
+    assert tok1 == {20, 40, 41, 42}  # .5, .4, .2, .5*.3=.15 (all > .12); 21 was not kept by early stop
+    # a threshold of 1 keeps no sibling (the chain nodes follow early stop, which applies its own threshold)
+    none = chain_with_siblings(chain_ids, chain_len, chain_path, sib_ids, sib_probs, 1.0, node_budget=4)
+    assert int(none.node_valid[:, 1:].sum()) == 3 + 1  # chain nodes follow early stop, not the threshold

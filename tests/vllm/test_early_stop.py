@@ -1,5 +1,6 @@
 """MCSD early stop inside vLLM (CPU V1 runner): per-request draft lengths, lossless, switchable."""
 
+import json
 import shutil
 
 import pytest
@@ -48,3 +49,85 @@ def test_switching_early_stop_off_gives_fixed_length_back(tiny_target, edd_with_
     res = run_generate(tiny_target, many_prompts(64), spec, max_tokens=32)
     assert_same_tokens(tiny_plain_outputs["many"].token_ids, res.token_ids)
     assert res.metrics.num_drafts > 0 and res.metrics.num_draft_tokens == K * res.metrics.num_drafts
+
+
+@pytest.fixture(scope="module")
+def edd_always_confident(tiny_edd_drafter, tmp_path_factory):
+    """A decision model that predicts acceptance ~1 whatever the drafter does, on the random tiny
+    drafter whose drafts the target almost always rejects: only feedback from the target can cut them."""
+    g = torch.Generator().manual_seed(1)
+    feats = torch.rand(2000, len(FEATURE_NAMES), generator=g) * torch.tensor([1.0, 1.0, 1.0, 12.0, 1.0, -30.0])
+    labels = torch.ones(2000)
+    labels[:20] = 0  # two classes for the report
+    model, _ = train_early_stop(feats, labels, kind="mlp", epochs=10, seed=0)
+    folders = {}
+    for calibrated in (True, False):
+        folder = tmp_path_factory.mktemp("edd_conf") / "drafter"
+        shutil.copytree(tiny_edd_drafter, folder)
+        attach_early_stop(folder, model, {}, threshold=0.3)
+        if not calibrated:
+            cfg = json.loads((folder / "specx_config.json").read_text())
+            cfg["early_stop"]["online_calibration"] = False
+            (folder / "specx_config.json").write_text(json.dumps(cfg))
+        folders[calibrated] = str(folder)
+    return folders
+
+
+def test_rejected_requests_draft_less_and_stay_lossless(tiny_target, edd_always_confident, tiny_plain_outputs):
+    K5 = 5
+    got = {}
+    for calibrated, folder in edd_always_confident.items():
+        spec = {"method": "eagle3", "model": folder, "num_speculative_tokens": K5}
+        res = run_generate(tiny_target, many_prompts(64), spec, max_tokens=32)
+        assert_same_tokens(tiny_plain_outputs["many"].token_ids, res.token_ids)
+        got[calibrated] = res.metrics
+    off, on = got[False], got[True]
+    assert off.num_accepted_tokens < 0.1 * off.num_draft_tokens  # the random drafter is mostly rejected
+    assert off.num_draft_tokens == K5 * off.num_drafts  # confident model alone: always K
+    assert on.num_draft_tokens < 0.5 * K5 * on.num_drafts, (on, off)  # feedback: rejected requests draft less
+
+
+def _cost_model_where_drafting_stops_paying_above_batch_8(machine=None):
+    from vllm_specx.calibrate import machine_id
+    from vllm_specx.core.cost_model import CostModel
+
+    pts = []
+    for b in (1, 8, 16, 64):
+        for n in (1, 2, 3):
+            pts.append({"kind": "target", "batch_size": b, "nodes_per_request": n, "context_len": 0,
+                        "time_s": 0.01 + 0.0005 * b * n})
+            pts.append({"kind": "draft", "batch_size": b, "nodes_per_request": n, "time_s": 0.003 + 0.0005 * b * n})
+    cost = CostModel.fit(pts, machine=machine or machine_id(), target="tiny", drafter="tiny")
+    assert cost.first_token_threshold(1) < 0.5 and cost.first_token_threshold(8) < 1.0
+    assert cost.first_token_threshold(16) >= 1.0 and cost.first_token_threshold(64) >= 1.0
+    return cost
+
+
+def test_cost_model_turns_drafting_off_at_large_batch(tiny_target, edd_always_confident, tiny_plain_outputs,
+                                                      tmp_path):
+    folder = tmp_path / "drafter"
+    shutil.copytree(edd_always_confident[False], folder)
+    _cost_model_where_drafting_stops_paying_above_batch_8().save(folder / "cost_model.json")
+    spec = {"method": "eagle3", "model": str(folder), "num_speculative_tokens": 3}
+    big = run_generate(tiny_target, many_prompts(64), spec, max_tokens=32, llm_kwargs={"max_num_seqs": 64})
+    assert_same_tokens(tiny_plain_outputs["many"].token_ids, big.token_ids)
+    one = run_generate(tiny_target, many_prompts(64)[:1], spec, max_tokens=32)
+    assert_same_tokens(tiny_plain_outputs["many"].token_ids[:1], one.token_ids)
+    # batch 1: a draft every decode step; 64 requests in flight: drafting only once few remain
+    assert one.metrics.num_drafts >= 0.5 * one.metrics.num_engine_steps
+    assert big.metrics.num_drafts < 0.2 * 64 * 31, big.metrics
+
+
+def test_cost_model_of_another_machine_is_ignored(edd_always_confident, tmp_path):
+    from vllm_specx.checkpoint import load_specx_config
+    from vllm_specx.vllm_adapter.draft_length import load_controller
+
+    folder = tmp_path / "drafter"
+    shutil.copytree(edd_always_confident[False], folder)
+    es = load_specx_config(folder).early_stop
+    _cost_model_where_drafting_stops_paying_above_batch_8().save(folder / "cost_model.json")
+    here = load_controller(folder, es, 3)
+    assert not here.drafting_pays(64) and here.drafting_pays(1)
+    _cost_model_where_drafting_stops_paying_above_batch_8("another GPU x8").save(folder / "cost_model.json")
+    elsewhere = load_controller(folder, es, 3)
+    assert elsewhere.drafting_pays(64) and elsewhere.threshold_for_batch(64) == es["threshold"]

@@ -204,6 +204,15 @@ class CostModel:
         base = self.target_fit.predict(batch_size, 1, context_len).clamp(min=1e-9)
         return _like_inputs((verify + draft).clamp(min=0.0) / base, nodes_in_flight, context_len)
 
+    def first_token_threshold(self, batch_size: int, context_len=0.0) -> float:
+        """Whole cost of speculating at all (verify 2 tokens instead of 1, plus drafting 1 token per
+        request, which includes the drafter's fixed per-step work) / plain target step. >= 1: even a
+        certainly accepted token does not pay at this batch size, so do not draft at all."""
+        base = self.target_fit.predict(batch_size, 1, context_len).clamp(min=1e-9)
+        extra = (self.target_fit.predict(batch_size, 2, context_len) - base
+                 + self.draft_fit.predict(batch_size, 1, context_len))
+        return float((extra.clamp(min=0.0) / base).max())
+
     # ------------------------------------------------------------------------- JSON
     def to_dict(self) -> dict:
         return asdict(self)

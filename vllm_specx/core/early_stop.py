@@ -470,3 +470,39 @@ class DraftLengthPolicy:
         self.num_tokens += keep.long()
         self.active = keep & (self.num_tokens < self.max_k)
         return keep
+
+
+class OnlineAcceptCalibration:
+    """Per-request correction of the decision model from what the target actually accepted.
+
+    The decision model sees only the drafter's state; a request whose drafts keep being rejected
+    (a context the drafter does not know) should draft less next step even when the drafter looks
+    confident. Per request we keep exponentially decayed sums of accepted tokens and of the tokens
+    the model expected to be accepted (sum of raw path probabilities over the tokens kept), and scale
+    the model's accept probability by (accepted + prior) / (expected + prior). Both sums decay every
+    step, also on steps that drafted nothing, so a request that stopped drafting returns to scale 1
+    and tries again (exponential back-off). Requests are keyed by id; ids absent from a step are
+    dropped, so the table never outgrows the running batch.
+    """
+
+    def __init__(self, decay: float = 0.7, prior: float = 2.0, max_scale: float = 1.5):
+        if not 0.0 <= decay < 1.0 or prior <= 0.0:
+            raise ValueError(f"decay must be in [0, 1) and prior > 0, got decay={decay}, prior={prior}")
+        self.decay, self.prior, self.max_scale = decay, prior, max_scale
+        self._sums: dict[str, tuple[float, float]] = {}  # req_id -> (accepted, expected)
+
+    def scales(self, req_ids: list[str]) -> torch.Tensor:  # -> [B]
+        out = []
+        for r in req_ids:
+            acc, exp = self._sums.get(r, (0.0, 0.0))
+            out.append(min((acc + self.prior) / (exp + self.prior), self.max_scale))
+        return torch.tensor(out, dtype=torch.float32)
+
+    def update(self, req_ids: list[str], accepted: list[int], expected: list[float]) -> None:
+        """One verified step: per request, tokens accepted and tokens the model expected (0, 0 when
+        the request drafted nothing)."""
+        new = {}
+        for r, a, e in zip(req_ids, accepted, expected):
+            acc, exp = self._sums.get(r, (0.0, 0.0))
+            new[r] = (acc * self.decay + a, exp * self.decay + e)
+        self._sums = new

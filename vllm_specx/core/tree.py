@@ -272,3 +272,46 @@ def build_fixed_tree(root_ids: Tensor, draft_level: DraftLevelFn, topk: int, max
     """EAGLE-2 style baseline: expand the top-k nodes per level, rerank all, keep node_budget."""
     return build_pct_tree(root_ids, draft_level, 0.0, max_depth, max_new_nodes=topk * topk,
                           max_frontier=topk, node_budget=node_budget)
+
+
+def chain_with_siblings(
+    chain_ids: Tensor,        # [B, D] chain (top-1) draft token per depth
+    chain_len: Tensor,        # [B] chain tokens kept (early stop), in [0, D]
+    chain_path_prob: Tensor,  # [B, D] estimated P(chain up to depth d accepted)
+    sib_ids: Tensor,          # [B, D, m] runner-up draft tokens per depth (ranks 2..m+1)
+    sib_probs: Tensor,        # [B, D, m] their draft probabilities (confidence = acceptance probability)
+    node_threshold: Tensor | float,  # [B] or scalar: marginal node cost / target step (cost model)
+    node_budget: int,         # verified nodes per request (excluding the root)
+) -> DraftTree:
+    """A PCT tree grown from a chain drafter: at each drafted depth, the chain node plus the runner-up
+    tokens of the same draft distribution as alternative children of the chain's previous node.
+
+    A sibling s at depth d is accepted iff the chain up to d-1 is and the target's token is s, so its
+    expected gain is path_prob(d-1) * q(s); it is kept only when that beats the node threshold, and
+    the best `node_budget` nodes by expected gain are kept overall (`select_top_nodes`). Node layout
+    before selection: depth d holds the chain node at 1 + d*(1+m), its siblings right after it.
+    """
+    B, D = chain_ids.shape
+    m = sib_ids.shape[2]
+    dev = chain_ids.device
+    tree = DraftTree.new(torch.zeros(B, dtype=torch.long, device=dev), capacity=1 + D * (1 + m))
+    depth = torch.arange(D, device=dev)
+    chain_node = 1 + depth * (1 + m)                                   # [D]
+    parent = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), chain_node[:-1]])  # [D]
+    parent_prob = torch.cat([torch.ones(B, 1, device=dev), chain_path_prob[:, :-1].float()], dim=1)  # [B, D]
+    parent_ok = depth[None, :] < chain_len[:, None] + 1                # chain node d-1 kept (or root)
+    thr = torch.as_tensor(node_threshold, dtype=torch.float32, device=dev).reshape(-1, 1, 1)
+    sib_path = parent_prob[:, :, None] * sib_probs.float()             # [B, D, m]
+    sib_ok = parent_ok[:, :, None] & (sib_path > thr)
+    chain_ok = depth[None, :] < chain_len[:, None]
+    idx = torch.cat([chain_node[:, None], chain_node[:, None] + 1 + torch.arange(m, device=dev)[None, :]], 1)
+    idx = idx.reshape(-1)                                              # [D*(1+m)] in layout order
+    tree.parents[:, idx] = parent.repeat_interleave(1 + m)[None, :].expand(B, -1)
+    tree.token_ids[:, idx] = torch.cat([chain_ids[:, :, None], sib_ids], 2).reshape(B, -1)
+    tree.node_valid[:, idx] = torch.cat([chain_ok[:, :, None], sib_ok], 2).reshape(B, -1)
+    tree.path_prob[:, idx] = torch.cat([chain_path_prob[:, :, None].float(), sib_path], 2).reshape(B, -1)
+    tree.parents.masked_fill_(~tree.node_valid, -1)
+    tree.path_prob.masked_fill_(~tree.node_valid, 0.0)
+    tree.path_prob[:, 0] = 1.0
+    tree.num_nodes = tree.node_valid.sum(1)
+    return select_top_nodes(tree, node_budget).trim()

@@ -22,6 +22,7 @@ class Internal:
     members: tuple[str, ...] = ()  # attributes a class or module object must have
     is_class: bool = False
     runner: str = "any"  # "v1" / "v2": only that model runner relies on it (GPU default: v2; CPU: v1)
+    fields: tuple[str, ...] = ()  # dataclass fields that must exist
 
 
 INTERNALS: tuple[Internal, ...] = (
@@ -58,6 +59,33 @@ INTERNALS: tuple[Internal, ...] = (
              "supported: ngram returns empty ones)", params=("self",), runner="v1"),
     Internal("vllm.v1.worker.gpu_model_runner:GPUModelRunner",
              "early stop reads the runner's proposer", is_class=True, members=("propose_draft_token_ids",), runner="v1"),
+    Internal("vllm.v1.worker.gpu_model_runner:GPUModelRunner.propose_draft_token_ids",
+             "early stop wraps it: sampled_token_ids (list[list[int]] or [B, K+1] padded with -1, rows in "
+             "input_batch.req_ids order) tell how many drafts each request just had accepted",
+             params=("self", "scheduler_output", "sampled_token_ids"), runner="v1"),
+    Internal("vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model",
+             "`vllm-specx calibrate` times each step from here (scheduler_output.num_scheduled_tokens, "
+             ".scheduled_new_reqs tell batch size and pure decode steps)", params=("self", "scheduler_output"),
+             runner="v1"),
+    Internal("vllm.v1.worker.gpu_model_runner:GPUModelRunner.sample_tokens",
+             "`vllm-specx calibrate`: a step ends here (it samples, then drafts)", params=("self",), runner="v1"),
+    Internal("vllm.v1.worker.gpu_model_runner:GPUModelRunner._prepare_inputs",
+             "PCT trees: after it, slot mapping is computed from consecutive positions; tree nodes' RoPE "
+             "positions are rewritten to root + depth (self.positions, self.query_start_loc.cpu)",
+             params=("self", "scheduler_output", "num_scheduled_tokens"), runner="v1"),
+    Internal("vllm.v1.worker.gpu_model_runner:GPUModelRunner._sample",
+             "PCT trees: tree requests' rows of sampled_token_ids are replaced by the greedy tree walk",
+             params=("self", "logits", "spec_decode_metadata"), runner="v1"),
+    Internal("vllm.v1.spec_decode.metadata:SpecDecodeMetadata",
+             "PCT trees: logits rows per request from cu_num_sampled_tokens (n drafts + 1 rows each)",
+             members=("__dataclass_fields__",), fields=("cu_num_sampled_tokens", "num_draft_tokens"), runner="v1"),
+    Internal("vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl.forward",
+             "PCT trees: during a tree step attention runs through core.tree_attention over the paged cache "
+             "([num_blocks, Hkv, block_size, 2*D]: K rows then V rows per block)",
+             params=("self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output"), runner="v1"),
+    Internal("vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadata",
+             "PCT trees: per-request query_start_loc, seq_lens, block_table", members=("__dataclass_fields__",),
+             fields=("num_actual_tokens", "query_start_loc", "seq_lens", "block_table"), runner="v1"),
     Internal("vllm.v1.outputs:DraftTokenIds",
              "take_draft_token_ids returns it; early stop rewrites draft_token_ids (list[list[int]])",
              members=("__dataclass_fields__",)),
@@ -104,6 +132,9 @@ def check_internal(entry: Internal) -> str | None:
     missing = [m for m in entry.members if not hasattr(obj, m)]
     if missing:
         return f"{entry.path} lacks {missing}"
+    missing = [f for f in entry.fields if f not in getattr(obj, "__dataclass_fields__", {})]
+    if missing:
+        return f"{entry.path} lacks fields {missing}"
     if entry.params:
         try:
             names = list(inspect.signature(obj).parameters)

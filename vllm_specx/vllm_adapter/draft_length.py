@@ -10,6 +10,9 @@ How it plugs in (each vLLM internal is declared in `compat.INTERNALS`):
   3. `GPUModelRunner.take_draft_token_ids` is wrapped: each request's list is cut to its own length,
      so the scheduler verifies only the tokens that request kept (vLLM supports ragged draft lists:
      ngram returns empty ones).
+  4. `GPUModelRunner.propose_draft_token_ids` is wrapped: before drafting, the tokens the target just
+     accepted per request feed `OnlineAcceptCalibration`, so a request whose drafts were rejected
+     drafts less on its next step (and backs off until the drafter does better).
 Lossless: stopping only removes proposals; the target verifies whatever remains. Greedy draft
 sampling only: when vLLM samples drafts probabilistically (draft probabilities kept for rejection
 sampling) the step runs at fixed K so that probabilities and tokens stay aligned.
@@ -18,12 +21,19 @@ sampling) the step runs at fixed K so that probabilities and tokens stay aligned
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from vllm_specx.core.early_stop import DraftLengthPolicy, draft_step_features, load_early_stop, topk_and_entropy
+from vllm_specx.core.early_stop import (
+    DraftLengthPolicy,
+    OnlineAcceptCalibration,
+    draft_step_features,
+    load_early_stop,
+    topk_and_entropy,
+)
 
 DEFAULT_THRESHOLD = 0.25  # used when the drafter folder has no calibrated cost model
 
@@ -41,15 +51,52 @@ class ChainStopController:
     policy: DraftLengthPolicy
     hidden_proj: torch.Tensor | None
     threshold_for_batch: callable  # batch_size -> node threshold
+    calibration: OnlineAcceptCalibration | None = None
+    drafting_pays: callable = lambda batch_size: True  # False: skip the drafter for this step entirely
+    metrics: object | None = None  # prom_metrics.SpecxMetrics
+    max_siblings: int = 0  # PCT: runner-up tokens per depth offered as alternative children (0: chains)
+    sibling_threshold_for_batch: callable | None = None  # default: threshold_for_batch
+    _sibs: list = field(default_factory=list)  # per depth: (ids [B, m], probs [B, m], chain path prob [B])
+    _trees: list | None = None  # per request: (node tokens, parents) of the step that just ran
     stats: dict = field(default_factory=lambda: {"steps": 0, "early_exits": 0, "kept": 0, "max_tokens": 0})
     _armed: bool = False
     _depth: int = 0
     _path_conf: torch.Tensor | None = None
     _tokens: list = field(default_factory=list)
     _lengths: list[int] | None = None
+    _req_ids: list[str] | None = None  # this step's batch, in row order (from the runner)
+    _scale: torch.Tensor | None = None  # [B] online calibration of the accept probability
+    _raw_path: torch.Tensor | None = None  # [B] product of the model's raw accept probs kept so far
+    _expected: torch.Tensor | None = None  # [B] sum of raw path probs over kept tokens
+    _last: dict = field(default_factory=dict)  # req_id -> expected accepted of the step being verified
+
+    def feedback(self, req_ids: list[str], num_sampled: list[int]) -> None:
+        """Before a step drafts: num_sampled[i] tokens were just emitted for req_ids[i] (accepted
+        drafts + 1; 0 for a partial prefill). Feeds the calibration with the step now verified."""
+        self._req_ids = list(req_ids)
+        if self.calibration is None:
+            return
+        accepted = [max(n - 1, 0) if r in self._last else 0 for r, n in zip(req_ids, num_sampled)]
+        expected = [self._last.get(r, 0.0) for r in req_ids]
+        self.calibration.update(req_ids, accepted, expected)
+        if self.metrics is not None:
+            for r, a in zip(req_ids, accepted):
+                if r in self._last:
+                    self.metrics.accepted.observe(a)
 
     def begin(self, armed: bool) -> None:
         self._armed, self._depth, self._tokens, self._lengths, self._path_conf = armed, 0, [], None, None
+        self._sibs, self._trees = [], None
+
+    def skip_step(self, batch_size: int) -> bool:
+        """True when drafting does not pay at this batch size (cost model): the step drafts nothing."""
+        if self.drafting_pays(batch_size):
+            return False
+        self._lengths, self._armed, self._expected = [0] * batch_size, True, torch.zeros(batch_size)
+        self.stats["skipped_steps"] = self.stats.get("skipped_steps", 0) + 1
+        if self.metrics is not None:
+            self.metrics.skipped_steps.inc()
+        return True
 
     def observe(self, normed_hidden: torch.Tensor, logits: torch.Tensor) -> None:
         """One draft step: normed_hidden [B, H], logits [B, V] (the token drafted is the argmax)."""
@@ -59,52 +106,134 @@ class ChainStopController:
         if self._depth == 0:
             self.policy.begin(b, self.threshold_for_batch(b), device="cpu")
             self._path_conf = torch.ones(b)
+            ids_ok = self.calibration is not None and self._req_ids is not None and len(self._req_ids) == b
+            self._scale = self.calibration.scales(self._req_ids) if ids_ok else torch.ones(b)
+            self._raw_path, self._expected = torch.ones(b), torch.zeros(b)
         top, entropy = topk_and_entropy(logits.float(), k=2)
         top, entropy = top.cpu(), entropy.cpu()
         depth = torch.full((b,), self._depth)
         feats = draft_step_features(normed_hidden.float().cpu(), top, entropy, depth, self._path_conf,
                                     self.hidden_proj)
-        self.policy.step(feats)
+        raw = self.policy.model.predict_accept_prob(feats).float()  # [B]
+        keep = self.policy.step(accept_prob=(raw * self._scale).clamp(max=1.0))
+        self._raw_path = torch.where(keep, self._raw_path * raw, self._raw_path)
+        self._expected += torch.where(keep, self._raw_path, torch.zeros(b))
         self._tokens.append(logits.argmax(-1))
+        if self.max_siblings > 0:
+            top_p, top_i = torch.softmax(logits.float(), dim=-1).topk(self.max_siblings + 1, dim=-1)
+            path = self.policy.path_prob.clone()  # P(chain through this depth accepted), where kept
+            self._sibs.append((top_i[:, 1:].cpu(), top_p[:, 1:].cpu(), path.cpu()))
         self._path_conf = self._path_conf * top[:, 0]
         self._depth += 1
         self._lengths = self.policy.num_tokens.tolist()
         if self.policy.done and self._depth < self.policy.max_k:
             kept = max(self._lengths)
             self.stats["early_exits"] += 1
+            if self.metrics is not None:
+                self.metrics.early_exits.inc()
             raise _AllStopped(torch.stack(self._tokens[: max(kept, 1)], dim=1))
 
     def finish(self) -> list[int] | None:
         """Per-request lengths of the step that just ran (None: not armed, keep vLLM's lists)."""
         lengths, self._lengths, self._armed = self._lengths, None, False  # one use: never stale
+        if lengths is not None and self._sibs and len(self._sibs) == len(self._tokens):
+            self._trees = self._build_trees(lengths)
+        ids = self._req_ids or []
+        self._last = ({r: float(e) for r, e, n in zip(ids, self._expected.tolist(), lengths) if n > 0}
+                      if lengths is not None and len(ids) == len(lengths) else {})
+        self._req_ids = None
         if lengths is not None:
             self.stats["steps"] += 1
             self.stats["kept"] += sum(lengths)
             self.stats["max_tokens"] += self.policy.max_k * len(lengths)
+            if self.metrics is not None:
+                self.metrics.draft_steps.inc()
+                self.metrics.tokens_kept.inc(sum(lengths))
+                self.metrics.tokens_max.inc(self.policy.max_k * len(lengths))
         return lengths
 
 
-def load_controller(drafter_dir: str | Path, early_stop: dict, max_k: int) -> ChainStopController | None:
-    """The controller described by specx_config.json's `early_stop` section (None when absent/off)."""
+    def _build_trees(self, lengths: list[int]) -> list[tuple[list[int], list[int]]]:
+        from vllm_specx.core.tree import chain_with_siblings
+
+        b = len(lengths)
+        chain_ids = torch.stack([t.cpu() for t in self._tokens], dim=1)  # [B, D]
+        sib_ids = torch.stack([s[0] for s in self._sibs], dim=1)        # [B, D, m]
+        sib_probs = torch.stack([s[1] for s in self._sibs], dim=1)
+        chain_path = torch.stack([s[2] for s in self._sibs], dim=1)     # [B, D]
+        thr = (self.sibling_threshold_for_batch or self.threshold_for_batch)(b)
+        tree = chain_with_siblings(chain_ids, torch.tensor(lengths), chain_path, sib_ids, sib_probs, thr,
+                                   node_budget=self.policy.max_k)
+        out = []
+        for r in range(b):
+            n = int(tree.num_nodes[r])
+            out.append((tree.token_ids[r, 1:n].tolist(), tree.parents[r, 1:n].tolist()))
+        return out
+
+    def take_trees(self, runner, req_ids: list[str]) -> list | None:
+        """Per request (aligned with req_ids): (node tokens, parents) of the tree drafted this step."""
+        trees, self._trees = self._trees, None
+        return trees
+
+
+def load_controller(drafter_dir: str | Path, early_stop: dict, max_k: int,
+                    tree: dict | None = None) -> ChainStopController | None:
+    """The controller described by specx_config.json's `early_stop` section (None when absent/off).
+    tree = {"max_siblings": m, optional "threshold"}: draft PCT trees (chain + pruned runner-up
+    children, see core.tree); their node threshold is the cost model's, else tree.threshold, else
+    the early-stop threshold."""
     if not early_stop or not early_stop.get("enabled", True) or "path" not in early_stop:
         return None
     folder = Path(drafter_dir) / early_stop["path"]
     model = load_early_stop(folder)
     proj = getattr(model, "hidden_proj", None)
     cost_file = Path(drafter_dir) / early_stop.get("cost_model", "cost_model.json")
-    if cost_file.exists():
+    forced = os.environ.get("SPECX_NODE_THRESHOLD")  # experiments: one fixed threshold for every node
+    if forced is not None:
+        early_stop = dict(early_stop, threshold=float(forced))
+        tree = dict(tree or {}, threshold=float(forced))
+    if cost_file.exists() and forced is None:
+        from vllm_specx.calibrate import machine_id
         from vllm_specx.core.cost_model import CostModel
 
         cost = CostModel.load(cost_file)
+        if cost.machine != machine_id():
+            from vllm.logger import init_logger
+
+            init_logger(__name__).warning(
+                "vllm-specx: %s was measured on %r, this machine is %r: ignoring it (node threshold %s). "
+                "Run `vllm-specx calibrate --drafter %s` here to fit drafting to this machine.",
+                cost_file, cost.machine, machine_id(), early_stop.get("threshold", DEFAULT_THRESHOLD), drafter_dir)
+            cost = None
+    else:
+        cost = None
+    if cost is not None:
 
         def threshold(batch_size: int) -> float:
             return float(cost.node_threshold(batch_size))
+
+        def drafting_pays(batch_size: int) -> bool:
+            return cost.first_token_threshold(batch_size) < 1.0
     else:
         fixed = float(early_stop.get("threshold", DEFAULT_THRESHOLD))
 
         def threshold(batch_size: int) -> float:
             return fixed
-    return ChainStopController(DraftLengthPolicy(max_k, model), proj, threshold)
+
+        def drafting_pays(batch_size: int) -> bool:
+            return True
+    calibration = OnlineAcceptCalibration() if early_stop.get("online_calibration", True) else None
+    from vllm_specx.vllm_adapter.prom_metrics import specx_metrics
+
+    tree = tree or {}
+    sibling_threshold = threshold
+    if cost is None and "threshold" in tree:
+        fixed_sibling = float(tree["threshold"])
+        sibling_threshold = lambda batch_size: fixed_sibling  # noqa: E731
+    ctl = ChainStopController(DraftLengthPolicy(max_k, model), proj, threshold, calibration, drafting_pays,
+                              specx_metrics(), int(tree.get("max_siblings", 0)))
+    ctl.sibling_threshold_for_batch = sibling_threshold
+    return ctl
 
 
 def _controller_of(proposer) -> ChainStopController | None:
@@ -121,6 +250,11 @@ def _wrap_propose(orig):
         # instance attributes of the proposer (read strictly: a rename must fail, not arm wrongly)
         greedy_drafts = not self._enable_probabilistic_draft_probs or bool(sampling.all_greedy)
         ctl.begin(armed=greedy_drafts and self.num_speculative_tokens > 1)
+        next_token_ids = kwargs.get("next_token_ids", args[3] if len(args) > 3 else None)  # [B]
+        if greedy_drafts and ctl.skip_step(next_token_ids.shape[0]):
+            # the drafter does not run: its KV cache misses this step's tokens, which can only lower
+            # later acceptance (the target verifies every draft), never change the output
+            return next_token_ids.new_empty((next_token_ids.shape[0], 0))
         try:
             return orig(self, num_speculative_tokens, *args, **kwargs)
         except _AllStopped as stop:
@@ -138,11 +272,45 @@ def _wrap_take(orig):
         lengths = ctl.finish() if ctl is not None else None
         if out is None or lengths is None or len(lengths) != len(out.draft_token_ids):
             return out
-        out.draft_token_ids = [list(ids[:n]) for ids, n in zip(out.draft_token_ids, lengths)]
+        trees = ctl.take_trees(self, out.req_ids)
+        from vllm_specx.vllm_adapter.tree_step import register_tree, tree_eligible, trees_supported
+
+        if trees is None or not trees_supported(self):
+            out.draft_token_ids = [list(ids[:n]) for ids, n in zip(out.draft_token_ids, lengths)]
+            return out
+
+        lists = []
+        for rid, ids, n, (tokens, parents) in zip(out.req_ids, out.draft_token_ids, lengths, trees):
+            req = self.requests.get(rid)
+            if tokens and req is not None and tree_eligible(req.sampling_params):
+                register_tree(rid, tokens, parents)
+                lists.append(tokens)
+            else:
+                lists.append(list(ids[:n]))
+        out.draft_token_ids = lists
         return out
 
     take_draft_token_ids.__specx_wrapped__ = True
     return take_draft_token_ids
+
+
+def _num_sampled(sampled_token_ids) -> list[int]:
+    """Tokens emitted per request this step: list[list[int]], or a [B, K+1] tensor padded with -1."""
+    if isinstance(sampled_token_ids, torch.Tensor):
+        return (sampled_token_ids != -1).sum(dim=1).tolist()
+    return [len(t) for t in sampled_token_ids]
+
+
+def _wrap_propose_draft_token_ids(orig):
+    @functools.wraps(orig)
+    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
+        ctl = _controller_of(getattr(self, "drafter", None))
+        if ctl is not None:
+            ctl.feedback(list(self.input_batch.req_ids), _num_sampled(sampled_token_ids))
+        return orig(self, scheduler_output, sampled_token_ids, *args, **kwargs)
+
+    propose_draft_token_ids.__specx_wrapped__ = True
+    return propose_draft_token_ids
 
 
 def install_runner_hooks() -> None:
@@ -154,3 +322,5 @@ def install_runner_hooks() -> None:
         SpecDecodeBaseProposer.propose = _wrap_propose(SpecDecodeBaseProposer.propose)
     if not getattr(GPUModelRunner.take_draft_token_ids, "__specx_wrapped__", False):
         GPUModelRunner.take_draft_token_ids = _wrap_take(GPUModelRunner.take_draft_token_ids)
+    if not getattr(GPUModelRunner.propose_draft_token_ids, "__specx_wrapped__", False):
+        GPUModelRunner.propose_draft_token_ids = _wrap_propose_draft_token_ids(GPUModelRunner.propose_draft_token_ids)

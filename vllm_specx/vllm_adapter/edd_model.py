@@ -220,10 +220,34 @@ def _draft_length_controller(speculative_config, runner: str):
         return None
     from vllm_specx.vllm_adapter.draft_length import install_runner_hooks, load_controller
 
-    controller = load_controller(folder, specx.early_stop, speculative_config.num_speculative_tokens)
+    tree = tree_settings(specx.tree)
+    controller = load_controller(folder, specx.early_stop, speculative_config.num_speculative_tokens, tree)
     if controller is not None:
         install_runner_hooks()
+        if tree:
+            from vllm_specx.vllm_adapter.tree_step import install_tree_hooks
+
+            install_tree_hooks()
+    elif tree:
+        init_logger(__name__).warning(
+            "vllm-specx: PCT trees need the drafter's early-stop model (the `early-stop` training stage); "
+            "drafting chains.")
     return controller
+
+
+def tree_settings(tree: dict) -> dict | None:
+    """PCT tree settings from specx_config.json's `tree` section ({"max_siblings": m, optional
+    "threshold"}), or None for chains; SPECX_TREE=0/1 in the environment overrides `enabled`."""
+    import os
+
+    env = os.environ.get("SPECX_TREE")
+    enabled = tree.get("enabled", False) if env is None else env == "1"
+    if not enabled:
+        return None
+    out = {"max_siblings": int(tree.get("max_siblings", 3))}
+    if "threshold" in tree:
+        out["threshold"] = float(tree["threshold"])
+    return out
 
 
 _STACKED = {"q_proj": ("self_attn.qkv_proj", "q"), "k_proj": ("self_attn.qkv_proj", "k"),

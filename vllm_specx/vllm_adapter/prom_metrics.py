@@ -1,0 +1,50 @@
+"""specx's own Prometheus metrics, beside vLLM's `vllm:spec_decode_*` counters.
+
+They are counted where drafting happens (the engine-core / worker process). vLLM's API server shows
+other processes' metrics on /metrics only in prometheus multiprocess mode (PROMETHEUS_MULTIPROC_DIR
+set before the server starts): `vllm-specx serve` sets it to a fresh folder; with `vllm serve`, export
+PROMETHEUS_MULTIPROC_DIR=<an empty folder> yourself. Offline (`LLM`) they are in the engine process's
+default registry.
+
+  specx:draft_steps_total                 engine steps in which specx chose the draft lengths
+  specx:draft_tokens_kept_total           draft tokens sent to the target for verification
+  specx:draft_tokens_max_total            draft tokens a fixed-K drafter would have sent
+  specx:early_exits_total                 steps whose drafting loop ended before K (every request stopped)
+  specx:skipped_steps_total               steps where the cost model said drafting does not pay
+  specx:accepted_tokens_per_request_step  histogram: drafts accepted per request per verified step
+"""
+
+from __future__ import annotations
+
+
+PREFIX = "specx:"
+
+
+class SpecxMetrics:
+    def __init__(self):
+        from prometheus_client import Counter, Histogram
+
+        def counter(name: str, doc: str):
+            return Counter(PREFIX + name, doc)
+
+        self.draft_steps = counter("draft_steps", "engine steps in which specx chose the draft lengths")
+        self.tokens_kept = counter("draft_tokens_kept", "draft tokens sent to the target for verification")
+        self.tokens_max = counter("draft_tokens_max", "draft tokens a fixed-K drafter would have sent")
+        self.early_exits = counter("early_exits", "steps whose drafting loop ended before K")
+        self.skipped_steps = counter("skipped_steps", "steps where the cost model said drafting does not pay")
+        self.accepted = Histogram(PREFIX + "accepted_tokens_per_request_step",
+                                  "draft tokens accepted per request per verified step",
+                                  buckets=[i + 0.5 for i in range(16)] + [float("inf")])
+
+
+_METRICS: list[SpecxMetrics] = []
+
+
+def specx_metrics() -> SpecxMetrics | None:
+    """One set per process (prometheus refuses duplicate names); None without prometheus_client."""
+    if not _METRICS:
+        try:
+            _METRICS.append(SpecxMetrics())
+        except ImportError:
+            return None
+    return _METRICS[0]

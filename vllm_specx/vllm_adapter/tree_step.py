@@ -1,0 +1,300 @@
+"""PCT tree verification inside vLLM's V1 model runner (CPU build): one target pass per tree.
+
+vLLM 0.32 verifies chains only. A request drafted as a tree reaches the scheduler as an ordinary draft
+list, its nodes in BFS order (the scheduler only counts them, and a prefix of a BFS list is a tree);
+its shape waits here, by request id, for the step that verifies it:
+
+  1. `_prepare_inputs` (wrapped): node i (node 0 = the root, the token sampled last step) keeps the
+     KV slot vLLM computed from consecutive positions, base + i; its RoPE position becomes
+     base + depth(i). The step's trees are published in `_STEP`.
+  2. attention (CPU backend `forward`, wrapped): during a tree step every request attends through
+     `core.tree_attention.tree_attention_paged` over the paged cache: its context plus those nodes
+     that are its ancestors-or-self (a request without a tree gets the causal mask: a chain).
+  3. `_sample` (wrapped): vLLM's sampler runs for every request, then each tree request's row is
+     replaced by the greedy walk (`core.tree_verify.greedy_accept`): accepted nodes + bonus token.
+     The accepted nodes' KV is copied to slots base+1..base+a in every layer.
+  4. `propose_draft_token_ids` (wrapped): input ids, positions and hidden states rows are permuted so
+     that the accepted path comes first. From there on vLLM (scheduler accounting, the EAGLE
+     proposer) sees an ordinary chain step that accepted a drafts.
+
+Trees are built only for plain greedy requests (`tree_eligible`): anything vLLM's sampler would
+change (temperature, penalties, logit bias, bad words, allowed tokens, min_tokens, logprobs,
+structured output) is drafted and verified as a chain by vLLM itself. Lossless either way: the walk
+accepts a node only if it is the target's argmax after the accepted path. Sync scheduling only
+(vLLM-CPU always is); state lives in this module, per worker process.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+
+from vllm_specx.core.tree import node_depth
+from vllm_specx.core.tree_attention import tree_attention_paged
+from vllm_specx.core.tree_verify import greedy_accept
+
+
+@dataclass
+class _TreeRow:
+    parents: torch.Tensor  # [n+1] int64, -1 at the root
+    depth: torch.Tensor    # [n+1] int64
+    tokens: torch.Tensor   # [n+1] int64 (root placeholder 0)
+    qs: int                # first packed token of the request (its root)
+    base: int              # root position
+    path: list[int] = field(default_factory=list)  # accepted nodes, root first (after sampling)
+
+
+@dataclass
+class _Step:
+    rows: dict[int, _TreeRow]  # batch index -> tree
+    num_tokens: int
+    attending: bool = True
+    _mask_key: tuple | None = None
+    _mask: torch.Tensor | None = None
+    stats: dict = field(default_factory=dict)
+
+    def tree_mask(self, n_q: list[int]) -> torch.Tensor:
+        """[B, N, N] ancestor-or-self masks; causal (a chain) for requests without a tree."""
+        key = tuple(n_q)
+        if self._mask_key != key:
+            n = max(n_q)
+            mask = torch.ones(n, n, dtype=torch.bool).tril().repeat(len(n_q), 1, 1)
+            for i, row in self.rows.items():
+                m = row.parents.numel()
+                anc = _ancestor_or_self(row.parents)
+                mask[i, :m, :m] = anc
+            self._mask_key, self._mask = key, mask
+        return self._mask
+
+
+_PENDING: dict[str, tuple[list[int], list[int]]] = {}  # req_id -> (node tokens, parents), nodes 1..n
+_STEP: list[_Step | None] = [None]
+STATS = {"tree_steps": 0, "tree_requests": 0, "nodes_verified": 0, "nodes_accepted": 0}
+
+
+def _ancestor_or_self(parents: torch.Tensor) -> torch.Tensor:
+    from vllm_specx.core.tree import ancestor_mask
+
+    return ancestor_mask(parents[None], torch.ones_like(parents, dtype=torch.bool)[None])[0]
+
+
+def register_tree(req_id: str, tokens: list[int], parents: list[int]) -> None:
+    """A tree was handed to the scheduler as req_id's draft list (node k+1 = tokens[k], parent parents[k])."""
+    _PENDING[req_id] = (list(tokens), list(parents))
+
+
+def is_chain(parents: list[int]) -> bool:
+    return all(p == i for i, p in enumerate(parents))
+
+
+def trees_supported(runner) -> bool:
+    """Tree steps need vLLM-CPU's attention backend (the one specx wraps), synchronous scheduling and a
+    single worker: with tensor/pipeline parallelism only the output rank takes the draft lists, so the
+    other ranks would not know the tree shape (not built yet: those deployments draft chains)."""
+    from vllm.platforms import current_platform
+
+    par = getattr(runner, "parallel_config", None)
+    single = par is None or (par.tensor_parallel_size == 1 and par.pipeline_parallel_size == 1)
+    return current_platform.is_cpu() and not getattr(runner, "use_async_scheduling", False) and single
+
+
+def tree_eligible(sampling_params, has_structured_output: bool = False) -> bool:
+    """Plain greedy: the target's token is the argmax of its raw logits (see module docstring)."""
+    sp = sampling_params
+    if sp is None or has_structured_output:
+        return False
+    return (sp.temperature < 1e-5 and not sp.logprobs and not sp.logit_bias and not sp.bad_words_token_ids
+            and not sp.allowed_token_ids and not sp.min_tokens and sp.presence_penalty == 0.0
+            and sp.frequency_penalty == 0.0 and sp.repetition_penalty == 1.0
+            and getattr(sp, "structured_outputs", None) is None)
+
+
+# ------------------------------------------------------------------------------------------ hooks
+def _wrap_prepare_inputs(orig):
+    @functools.wraps(orig)
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
+        out = orig(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
+        _STEP[0] = None
+        if not _PENDING:
+            return out
+        pending = dict(_PENDING)
+        _PENDING.clear()  # trees not verified in this step are stale
+        spec = scheduler_output.scheduled_spec_decode_tokens
+        qsl = self.query_start_loc.cpu
+        rows = {}
+        for i, rid in enumerate(self.input_batch.req_ids):
+            tree, drafts = pending.get(rid), spec.get(rid)
+            if tree is None or not drafts:
+                continue
+            tokens, parents = tree
+            m = len(drafts)
+            if tokens[:m] != list(drafts) or is_chain(parents[:m]):
+                continue  # not the tree we drafted (or only its chain part was scheduled): vLLM's chain path
+            par = torch.tensor([-1] + parents[:m], dtype=torch.long)
+            depth = node_depth(par[None])[0]
+            qs = int(qsl[i])
+            base = int(self.positions[qs])
+            self.positions[qs + 1: qs + 1 + m] = base + depth[1:]  # RoPE by depth; KV slots stay base + i
+            rows[i] = _TreeRow(par, depth, torch.tensor([0] + list(drafts)), qs, base)
+        if rows:
+            _STEP[0] = _Step(rows, int(scheduler_output.total_num_scheduled_tokens))
+        return out
+
+    _prepare_inputs.__specx_tree__ = True
+    return _prepare_inputs
+
+
+def _wrap_attention_forward(orig):
+    @functools.wraps(orig)
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        step = _STEP[0]
+        if step is None or not step.attending or attn_metadata is None or \
+                attn_metadata.num_actual_tokens != step.num_tokens:
+            return orig(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+        if self.is_fp8_kv_cache or self.alibi_slopes is not None or self.sliding_window not in (None, -1, (-1, -1)) \
+                or self.logits_soft_cap not in (None, 0, 0.0) or self.sinks is not None:
+            raise NotImplementedError("vllm-specx tree verification supports plain causal attention with an "
+                                      "unquantized KV cache only; disable trees (SPECX_TREE=0) for this model")
+        t = attn_metadata.num_actual_tokens
+        bs = kv_cache.shape[2]
+        key_cache, value_cache = cpu_kv_views(kv_cache, layer.isa)  # [nb, bs, Hkv, D] views
+        qsl = attn_metadata.query_start_loc.long()
+        num_reqs = attn_metadata.seq_lens.shape[0]
+        qsl = qsl[: num_reqs + 1]
+        n_q = (qsl[1:] - qsl[:-1]).tolist()
+        ctx = attn_metadata.seq_lens.long() - (qsl[1:] - qsl[:-1])
+        q = query[:t].view(t, -1, key_cache.shape[-1])
+        out = tree_attention_paged(q, qsl, key_cache, value_cache, attn_metadata.block_table[:num_reqs], ctx,
+                                   step.tree_mask(n_q), self.scale)
+        output[:t].view(t, -1).copy_(out.reshape(t, -1))
+        step.stats.update(block_table=attn_metadata.block_table, block_size=bs, isa=layer.isa)
+        return output
+
+    forward.__specx_tree__ = True
+    return forward
+
+
+def _wrap_sample(orig):
+    @functools.wraps(orig)
+    def _sample(self, logits, spec_decode_metadata, *args, **kwargs):
+        out = orig(self, logits, spec_decode_metadata, *args, **kwargs)
+        step = _STEP[0]
+        if step is None:
+            return out
+        step.attending = False
+        if spec_decode_metadata is None or logits is None:
+            _STEP[0] = None
+            return out
+        if "block_table" not in step.stats:  # never verify a tree that was attended as a chain
+            raise RuntimeError("vllm-specx: a tree step ran without specx's tree attention (attention backend "
+                               "is not vLLM-CPU's); set SPECX_TREE=0")
+        cu = spec_decode_metadata.cu_num_sampled_tokens.tolist()
+        sampled = out.sampled_token_ids  # [B, max drafts + 1], -1 padded
+        STATS["tree_steps"] += 1
+        for i, row in step.rows.items():
+            n = row.parents.numel()
+            start = cu[i] - n
+            argmax = logits[start: start + n].argmax(-1).cpu()  # target's choice after each node
+            res = greedy_accept(row.tokens[None], row.parents[None], torch.ones(1, n, dtype=torch.bool),
+                                argmax[None])
+            a = int(res.num_accepted[0])  # accepted nodes including the root
+            row.path = res.accepted_path[0, :a].tolist()
+            emitted = res.emitted_tokens(row.tokens[None])[0, :a]  # a-1 accepted draft tokens + the bonus
+            sampled[i].fill_(-1)
+            sampled[i, :a] = emitted.to(sampled.dtype)
+            STATS["tree_requests"] += 1
+            STATS["nodes_verified"] += n - 1
+            STATS["nodes_accepted"] += a - 1
+        _move_path_kv(self.kv_caches, step)
+        return out
+
+    _sample.__specx_tree__ = True
+    return _sample
+
+
+def _move_path_kv(kv_caches: list[torch.Tensor], step: _Step) -> None:
+    """Copy each accepted node's K/V from slot base + node to slot base + depth, in every layer."""
+    block_table, bs = step.stats.get("block_table"), step.stats.get("block_size")
+    src, dst = [], []
+    for i, row in step.rows.items():
+        for d, node in enumerate(row.path):
+            if node != d:
+                src.append((i, row.base + node))
+                dst.append((i, row.base + d))
+    if not src or block_table is None:
+        return
+
+    def slots(pairs):
+        req = torch.tensor([r for r, _ in pairs])
+        pos = torch.tensor([p for _, p in pairs])
+        return block_table[req, pos // bs].long(), pos % bs
+
+    (sb, so), (db, do) = slots(src), slots(dst)
+    for cache in kv_caches:
+        if cache is None or cache.dim() != 4 or cache.shape[2] != bs:
+            continue
+        k_view, v_view = cpu_kv_views(cache, step.stats["isa"])
+        k, v = k_view[sb, so].clone(), v_view[sb, so].clone()  # gather all first: sources never clobbered
+        k_view[db, do] = k
+        v_view[db, do] = v
+
+
+def cpu_kv_views(kv_cache: torch.Tensor, isa: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of vLLM-CPU's paged cache [num_blocks, Hkv, block_size, 2*D] as [num_blocks, block_size,
+    Hkv, D] views (writable). With the `vec`/`vec16` kernels each (block, head) holds K transposed,
+    [D, block_size], then V row-major, [block_size, D] (checked against vLLM's own cache writer in
+    tests/vllm/test_tree_verify.py)."""
+    if isa not in ("vec", "vec16"):
+        raise NotImplementedError(f"vllm-specx tree verification knows vLLM-CPU's KV layout for the vec/vec16 "
+                                  f"attention kernels, not {isa!r}; disable trees (SPECX_TREE=0)")
+    nb, kvh, bs, two_d = kv_cache.shape
+    d = two_d // 2
+    kv = kv_cache.view(nb, kvh, 2 * bs, d)
+    k = kv.as_strided((nb, kvh, d, bs), (kv.stride(0), kv.stride(1), bs, 1), kv.storage_offset())
+    return k.permute(0, 3, 1, 2), kv[:, :, bs:].permute(0, 2, 1, 3)
+
+
+def _wrap_propose_draft_token_ids(orig):
+    @functools.wraps(orig)
+    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
+                                sample_hidden_states, aux_hidden_states, *args, **kwargs):
+        step, _STEP[0] = _STEP[0], None
+        if step is not None:
+            for row in step.rows.values():
+                n = row.parents.numel()
+                on_path = set(row.path)
+                order = row.path + [j for j in range(n) if j not in on_path]
+                src = torch.tensor(order) + row.qs
+                dst = torch.arange(n) + row.qs
+                for t in _distinct([self.input_ids.gpu, self.input_ids.cpu, self.positions, hidden_states,
+                                    *(aux_hidden_states or [])]):
+                    t[dst] = t[src].clone()
+        return orig(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
+                    sample_hidden_states, aux_hidden_states, *args, **kwargs)
+
+    propose_draft_token_ids.__specx_tree__ = True
+    return propose_draft_token_ids
+
+
+def _distinct(tensors):
+    seen, out = set(), []
+    for t in tensors:
+        if t is not None and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            out.append(t)
+    return out
+
+
+def install_tree_hooks() -> None:
+    """Idempotent. Inert unless a tree was registered (`register_tree`)."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    for owner, name, wrap in ((GPUModelRunner, "_prepare_inputs", _wrap_prepare_inputs),
+                              (GPUModelRunner, "_sample", _wrap_sample),
+                              (GPUModelRunner, "propose_draft_token_ids", _wrap_propose_draft_token_ids),
+                              (CPUAttentionBackendImpl, "forward", _wrap_attention_forward)):
+        if not getattr(getattr(owner, name), "__specx_tree__", False):
+            setattr(owner, name, wrap(getattr(owner, name)))
