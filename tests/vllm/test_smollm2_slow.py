@@ -28,21 +28,30 @@ def _prompts(n):
 
 
 @pytest.mark.slow
-def test_bundled_edd_equals_plain_on_smollm2_60_prompts():
+def test_bundled_edd_equals_plain_on_smollm2_60_prompts(monkeypatch):
+    """Chains at fixed K, early stop (decision model + this machine's cost model when it matches) and
+    PCT trees, each against plain decoding on 60 Spec-Bench prompts in one mixed batch."""
     from vllm_specx.models import smollm2_path
 
     target = str(smollm2_path())
     prompts = _prompts(60)
-    llm = make_llm(target)
+    llm = make_llm(target, max_num_seqs=64, max_model_len=2048)
     try:
         plain = generate(llm, prompts, max_tokens=64)
     finally:
         shutdown(llm)
-    llm = make_llm(target, {"method": "eagle3", "model": str(BUNDLED), "num_speculative_tokens": 5})
-    try:
-        spec = generate(llm, prompts, max_tokens=64)
-    finally:
-        shutdown(llm)
-    assert_same_tokens(plain.token_ids, spec.token_ids)
-    # a trained drafter must actually be accepted, not merely harmless
-    assert spec.metrics.mean_acceptance_length > 1.3, spec.metrics
+    spec = {"method": "eagle3", "model": str(BUNDLED), "num_speculative_tokens": 5}
+    for mode, env in (("chain", {"SPECX_EARLY_STOP": "0"}), ("early_stop", {"SPECX_TREE": "0"}),
+                      ("pct", {"SPECX_TREE": "1"})):
+        for k in ("SPECX_EARLY_STOP", "SPECX_TREE"):
+            monkeypatch.delenv(k, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        llm = make_llm(target, spec, max_num_seqs=64, max_model_len=2048)
+        try:
+            res = generate(llm, prompts, max_tokens=64)
+        finally:
+            shutdown(llm)
+        assert_same_tokens(plain.token_ids, res.token_ids)
+        # a trained drafter must actually be accepted, not merely harmless
+        assert res.metrics.num_accepted_tokens > 0.05 * res.metrics.num_drafts, (mode, res.metrics)
