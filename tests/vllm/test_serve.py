@@ -104,6 +104,39 @@ def _metric_total(text: str, name: str) -> float | None:
     return sum(values) if values else None
 
 
+def wait_healthy(proc: subprocess.Popen, http, base: str, log: Path, t0: float) -> None:
+    """Poll /health until 200; fail at once if the server exits, or after HEALTH_TIMEOUT_S from t0."""
+    import requests
+
+    deadline = t0 + HEALTH_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode} before /health:\n{_tail(log)}")
+        try:
+            if http.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"server not healthy after {HEALTH_TIMEOUT_S}s:\n{_tail(log)}")
+        time.sleep(1.0)
+
+
+def reap_group(pgid: int, wait_s: float) -> list[int]:
+    """Wait up to wait_s for the server's process group to exit; SIGKILL what is left and return it."""
+    leftovers = _group_alive(pgid)
+    deadline = time.monotonic() + wait_s
+    while leftovers and time.monotonic() < deadline:
+        time.sleep(0.5)
+        leftovers = _group_alive(pgid)
+    if leftovers:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return leftovers
+
+
 @pytest.mark.timeout(420)
 def test_serve_tiny_target_with_edd_drafter(target_dir, drafter_dir, tmp_path):
     import requests
@@ -130,19 +163,7 @@ def test_serve_tiny_target_with_edd_drafter(target_dir, drafter_dir, tmp_path):
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     how = None
     try:
-        # --- wait for /health
-        deadline = t0 + HEALTH_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode} before /health:\n{_tail(log)}")
-            try:
-                if http.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not healthy after {HEALTH_TIMEOUT_S}s:\n{_tail(log)}")
-            time.sleep(1.0)
+        wait_healthy(proc, http, base, log, t0)
         timings["startup_s"] = time.monotonic() - t0
 
         # --- one completion and one chat completion, greedy
@@ -187,16 +208,7 @@ def test_serve_tiny_target_with_edd_drafter(target_dir, drafter_dir, tmp_path):
         timings["shutdown_s"] = time.monotonic() - t2
         # The engine core and worker must go with the server. Anything left in the server's own
         # process group (only processes this test started) is killed, and fails the test below.
-        leftovers = _group_alive(proc.pid)
-        deadline = time.monotonic() + 15
-        while leftovers and time.monotonic() < deadline:
-            time.sleep(0.5)
-            leftovers = _group_alive(proc.pid)
-        if leftovers:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        leftovers = reap_group(proc.pid, wait_s=15)
         print(f"\nserve timings: {timings}; stopped by {how}; plugin pids {_traced_pids(trace)}; "
               f"server log: {log}")
 

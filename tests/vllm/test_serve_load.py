@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import pytest
 import torch
 
 from tests.conftest import many_prompts
-from tests.vllm.test_serve import HEALTH_TIMEOUT_S, HOST, _free_port, _group_alive, _metric_total, _stop, _tail
+from tests.vllm.test_serve import HOST, _free_port, _metric_total, _stop, _tail, reap_group, wait_healthy
 
 pytestmark = pytest.mark.skipif(find_spec("vllm") is None, reason="vLLM is not installed")
 
@@ -105,27 +104,11 @@ def _server(target: str, spec: dict | None, log_path):
     http = requests.Session()
     http.trust_env = False
     try:
-        deadline = time.monotonic() + HEALTH_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode} before /health:\n{_tail(log_path)}")
-            try:
-                if http.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not healthy after {HEALTH_TIMEOUT_S}s:\n{_tail(log_path)}")
-            time.sleep(1.0)
+        wait_healthy(proc, http, base, log_path, time.monotonic())
         yield base, http, proc
     finally:
         _stop(proc)
-        deadline = time.monotonic() + 30  # the engine core exits shortly after the API server
-        while _group_alive(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        leftovers = _group_alive(proc.pid)
-        if leftovers:
-            os.killpg(proc.pid, signal.SIGKILL)
+        leftovers = reap_group(proc.pid, wait_s=30)  # the engine core exits shortly after the API server
         assert not leftovers, f"server left processes {leftovers} behind (killed now):\n{_tail(log_path)}"
 
 
