@@ -78,8 +78,11 @@ def _run_method(target: str, spec: dict | None, prompts: list[tuple[str, str]], 
     llm = make_llm(target, spec, dtype=os.environ.get("SPECX_BENCH_DTYPE", "float32"), max_model_len=2048,
                    max_num_seqs=max(batch, 1))
     per_cat: dict[str, dict] = defaultdict(lambda: defaultdict(float))
+    from vllm_specx.vllm_adapter import draft_profile
+
     try:
         generate(llm, [prompts[0][1]], max_tokens=8)  # warm-up
+        draft_profile.reset()
         for i in range(0, len(prompts), batch):
             chunk = prompts[i : i + batch]
             res = generate(llm, [t for _, t in chunk], max_tokens=max_tokens, ignore_eos=False)
@@ -96,9 +99,10 @@ def _run_method(target: str, spec: dict | None, prompts: list[tuple[str, str]], 
                 pp = res.metrics.accepted_per_pos
                 d.setdefault("accepted_per_pos", [0.0] * len(pp))
                 d["accepted_per_pos"] = [a + b * f for a, b in zip(d["accepted_per_pos"] or [0.0] * len(pp), pp)]
+        profile = draft_profile.summary() if draft_profile.enabled() else None
     finally:
         shutdown(llm)
-    return {c: summarize(dict(d)) for c, d in per_cat.items()}  # plain dicts: picklable
+    return {c: summarize(dict(d)) for c, d in per_cat.items()}, profile  # plain dicts: picklable
 
 
 def summarize(d: dict) -> dict:
@@ -144,7 +148,8 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = result["runs"]
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    profiled = any("draft_profile" in r for r in runs.values())
+    fig, axes = plt.subplots(1, 5 if profiled else 4, figsize=(25 if profiled else 20, 4.2))
     names = list(result["methods"])
     width = 0.8 / len(result["batch_sizes"])
     panels = [("speedup", "speed-up over no speculation (wall time)"),
@@ -158,7 +163,18 @@ def plot(result: dict, path: Path) -> None:
             ax.set_xticks(list(range(len(names))), names, rotation=20)
             ax.set_title(title)
     axes[0].axhline(1.0, color="k", lw=0.8)
-    axes = [axes[0], axes[1], axes[3]]  # the per-category panel is the last one
+    if profiled:  # drafting time per target step (whole drafter) and per draft depth (LM head only)
+        b1 = result["batch_sizes"][0]
+        prof = [runs[f"{m}@{b1}"].get("draft_profile") or {} for m in names]
+        xs = list(range(len(names)))
+        axes[4].bar([x - 0.2 for x in xs], [p.get("propose_ms_per_call") or 0 for p in prof], 0.4,
+                    label="drafter, ms per target step")
+        axes[4].bar([x + 0.2 for x in xs], [p.get("head_ms_per_call") or 0 for p in prof], 0.4,
+                    label="LM head, ms per draft depth")
+        axes[4].set_xticks(xs, names, rotation=20)
+        axes[4].set_title(f"drafting time (batch {b1})")
+        axes[4].legend()
+    axes = [axes[0], axes[1], axes[3]]  # the per-category panel is the fourth one
     b1 = result["batch_sizes"][0]
     cats = sorted(runs[f"{result['methods'][0]}@{b1}"]["per_category"])
     for m in result["methods"]:
@@ -208,11 +224,13 @@ def main() -> None:
     result["methods"], result["speculative_configs"] = list(specs), specs
     for batch in args.batch_sizes:
         for m, spec in specs.items():
-            per_cat = run_method(target, spec, prompts, batch, args.max_tokens)
+            per_cat, profile = run_method(target, spec, prompts, batch, args.max_tokens)
             sets = sorted({c.split("/")[0] for c in per_cat})
             result["runs"][f"{m}@{batch}"] = {
                 "per_category": per_cat, "overall": overall(per_cat),
                 "per_set": {s: overall({c: v for c, v in per_cat.items() if c.split("/")[0] == s}) for s in sets}}
+            if profile is not None:  # SPECX_PROFILE_DRAFT=1: drafting time per step (see draft_profile.py)
+                result["runs"][f"{m}@{batch}"]["draft_profile"] = profile
             _write(result, args.tag)  # partial results survive an interrupted run
             print(m, batch, json.dumps({k: v for k, v in result["runs"][f"{m}@{batch}"]["overall"].items()
                                         if k in ("tokens_per_s", "mean_acceptance_length", "tokens_per_request_pass",

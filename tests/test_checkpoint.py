@@ -28,6 +28,12 @@ def test_good_config_roundtrip(tmp_path):
     (lambda d: d["target"].update(vocab_size=-3), "target.vocab_size must be a positive integer"),
     (lambda d: d.update(format_version=99), "format_version 99"),
     (lambda d: d.update(tree=[1, 2]), "'tree' must be an object"),
+    (lambda d: d.update(vocab=[1]), "'vocab' must be an object"),
+    (lambda d: d.update(vocab_mode="speculative"), "needs a 'vocab' section"),
+    (lambda d: d.update(vocab={"path": "/abs/vocab.safetensors"}), "vocab.path must be a file name inside"),
+    (lambda d: d.update(vocab={"num_candidates": 0}), "vocab.num_candidates must be an integer in [1, 49152]"),
+    (lambda d: d.update(vocab={"num_candidates": 50000}), "vocab.num_candidates must be an integer in [1, 49152]"),
+    (lambda d: d.update(vocab={"return_topk": True}), "vocab.return_topk"),
 ])
 def test_bad_configs_are_named(mutation, message):
     data = json.loads(json.dumps(GOOD))

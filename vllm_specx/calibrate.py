@@ -149,11 +149,22 @@ def calibrate(target: str, drafter: str, batch_sizes: list[int], ks: list[int], 
     if len(ks) < 2:
         raise SystemExit("--k needs at least two draft lengths: the draft-time fit needs two points per batch size")
     points = measure(target, drafter, sorted(batch_sizes), sorted(ks), max_tokens, dtype)
-    path = Path(out) if out else Path(drafter) / "cost_model.json"
+    path = Path(out) if out else default_cost_model_path(drafter)
     path.with_suffix(".measurements.json").write_text(json.dumps(points, indent=1))  # kept even if the fit fails
     model = CostModel.fit(points, machine=machine_id(), target=str(target), drafter=str(drafter))
     model.save(path)
     return path
+
+
+def default_cost_model_path(drafter: str) -> Path:
+    """cost_model.json for the checkpoint's own LM-head mode; cost_model.<mode>.json when SPECX_VOCAB
+    selects another (a draft step's cost depends on the head; the loader prefers the matching file)."""
+    from vllm_specx.checkpoint import load_specx_config
+    from vllm_specx.vllm_adapter.vocab_head import vocab_mode
+
+    specx = load_specx_config(drafter)
+    mode = vocab_mode(specx)
+    return Path(drafter) / ("cost_model.json" if mode == specx.vocab_mode else f"cost_model.{mode}.json")
 
 
 def summary(path: Path, batch_sizes: list[int]) -> str:

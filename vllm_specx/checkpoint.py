@@ -41,6 +41,7 @@ class SpecxConfig:
     format_version: int = SPECX_FORMAT_VERSION
     num_speculative_tokens: int = 5
     vocab_mode: str = "full"  # SpecVocab switch: full | fixed | speculative
+    vocab: dict[str, Any] = field(default_factory=dict)  # subset-head tensors and sizes (see vllm_adapter.vocab_head)
     tree: dict[str, Any] = field(default_factory=dict)
     early_stop: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
@@ -65,7 +66,24 @@ class SpecxConfig:
             raise SpecxConfigError("specx_config.json: target.architecture and target.name_or_path must be strings")
         self._validate_early_stop()
         self._validate_tree()
+        self._validate_vocab()
         return self
+
+    def _validate_vocab(self) -> None:
+        vocab = self.vocab
+        if not isinstance(vocab, dict):
+            raise SpecxConfigError("specx_config.json: vocab must be an object")
+        if self.vocab_mode != "full" and not vocab:
+            raise SpecxConfigError(f"specx_config.json: vocab_mode {self.vocab_mode!r} needs a 'vocab' section "
+                                   "(written by `vllm-specx train --stages vocab`), or set vocab_mode to 'full'")
+        path = vocab.get("path", "vocab/vocab.safetensors")
+        if not isinstance(path, str) or not path or Path(path).is_absolute() or ".." in path:
+            raise SpecxConfigError(f"specx_config.json: vocab.path must be a file name inside the drafter folder, got {path!r}")
+        for name, lo, hi in (("num_candidates", 1, self.target.vocab_size), ("return_topk", 1, 64),
+                             ("rank", 1, 1 << 16), ("fixed_size", 1, self.target.vocab_size)):
+            value = vocab.get(name, lo)
+            if not _is_int(value) or not lo <= value <= hi:
+                raise SpecxConfigError(f"specx_config.json: vocab.{name} must be an integer in [{lo}, {hi}], got {value!r}")
 
     def _validate_tree(self) -> None:
         tree = self.tree
@@ -117,7 +135,7 @@ class SpecxConfig:
                 f"{source}: 'target' needs architecture, vocab_size, hidden_size, num_hidden_layers "
                 f"(optional name_or_path); got keys {sorted(target)}"
             )
-        for key in ("tree", "early_stop", "training"):
+        for key in ("vocab", "tree", "early_stop", "training"):
             if key in data and not isinstance(data[key], dict):
                 raise SpecxConfigError(f"{source}: {key!r} must be an object")
         try:

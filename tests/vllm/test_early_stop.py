@@ -131,3 +131,17 @@ def test_cost_model_of_another_machine_is_ignored(edd_always_confident, tmp_path
     _cost_model_where_drafting_stops_paying_above_batch_8("another GPU x8").save(folder / "cost_model.json")
     elsewhere = load_controller(folder, es, 3)
     assert elsewhere.drafting_pays(64) and elsewhere.threshold_for_batch(64) == es["threshold"]
+
+
+def test_cost_model_measured_in_the_active_vocab_mode_wins(edd_always_confident, tmp_path):
+    """A draft step's cost depends on the LM-head mode: `cost_model.<mode>.json` is used in that mode."""
+    from vllm_specx.checkpoint import load_specx_config
+    from vllm_specx.vllm_adapter.draft_length import load_controller
+
+    folder = tmp_path / "drafter"
+    shutil.copytree(edd_always_confident[False], folder)
+    es = load_specx_config(folder).early_stop
+    _cost_model_where_drafting_stops_paying_above_batch_8().save(folder / "cost_model.speculative.json")
+    assert not load_controller(folder, es, 3, vocab_mode="speculative").drafting_pays(64)
+    full = load_controller(folder, es, 3, vocab_mode="full")  # no cost_model.json: the fixed threshold
+    assert full.drafting_pays(64) and full.threshold_for_batch(64) == es["threshold"]

@@ -8,6 +8,9 @@
   early-stop  MCSD decision model (EDD only): examples from the trained drafter on recorded
           sequences, MLP vs confidence-only logistic (held-out AUC / ECE), saved beside the drafter
           (not in the default --stages; add it explicitly)
+  vocab   SpecVocab projection (auxiliary loss, drafter frozen) + fixed reduced vocabulary (EDD only),
+          saved beside the drafter; --vocab-mode picks the mode the checkpoint runs in (not in the
+          default --stages)
 Every stage skips work already on disk in --work-dir, so an interrupted run resumes.
 """
 
@@ -18,7 +21,7 @@ import os
 from pathlib import Path
 
 HELP = "train an EDD drafter for a target model (data -> record -> fit -> export)"
-STAGES = ("data", "record", "fit", "export", "early-stop")
+STAGES = ("data", "record", "fit", "export", "early-stop", "vocab")
 
 
 def add_arguments(parser) -> None:
@@ -42,6 +45,13 @@ def add_arguments(parser) -> None:
                         help="edd (specx's drafter) or eagle3 (the baseline, run by vLLM's own eagle3 method); "
                              "both train on the same records with the same batches and schedule")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vocab-rank", type=int, default=64, help="vocab stage: rank of the SpecVocab projection")
+    parser.add_argument("--vocab-candidates", type=int, default=2048,
+                        help="vocab stage: candidates scored exactly per draft step")
+    parser.add_argument("--fixed-vocab-size", type=int, default=32768, help="vocab stage: size of the fixed vocabulary")
+    parser.add_argument("--vocab-steps", type=int, default=300, help="vocab stage: projection training steps")
+    parser.add_argument("--vocab-mode", choices=("full", "fixed", "speculative"), default=None,
+                        help="vocab stage: the head the checkpoint runs with (default: keep its vocab_mode)")
     parser.add_argument("--eval-files", nargs="*", default=None,
                         help="evaluation JSONL files whose prompts must never be trained on "
                              "(default: Spec-Bench and GSM8K from ../shared/data when present)")
@@ -106,7 +116,7 @@ def run(args) -> int:
         merged.write_text("".join(json.dumps(r) + "\n" for r in rows))
         D.record_target_states(target, merged, work / "records", record_layers, topk=args.topk)
     drafter = None
-    if {"fit", "export", "early-stop"} & set(stages):
+    if {"fit", "export", "early-stop", "vocab"} & set(stages):
         from safetensors import safe_open
 
         with safe_open(str(Path(target) / "model.safetensors"), "pt") as f:
@@ -141,7 +151,29 @@ def run(args) -> int:
         report = train_decision_model(drafter, train_recs, val_recs, args.num_speculative_tokens, Path(args.out),
                                       seed=args.seed)
         print(json.dumps(report, indent=2))
+    if "vocab" in stages:
+        from vllm_specx.training.export import load_edd
+        from vllm_specx.training.vocab_fit import attach_vocab, train_vocab_head
+
+        if args.drafter != "edd":
+            raise SystemExit("the vocab stage fits the vocabulary head of an EDD drafter: use --drafter edd")
+        if drafter is None:
+            drafter, _ = load_edd(args.out, embed, lm_head)
+        report = train_vocab_head(
+            drafter, train_recs, val_recs, Path(args.out), rank=args.vocab_rank, num_candidates=args.vocab_candidates,
+            fixed_size=args.fixed_vocab_size, steps=args.vocab_steps, always_include=_eos_ids(target_cfg),
+            seed=args.seed, command="vllm-specx train " + " ".join(_argv(args)))
+        if args.vocab_mode is not None:
+            from vllm_specx.checkpoint import load_specx_config
+
+            attach_vocab(args.out, load_specx_config(args.out).vocab, mode=args.vocab_mode)
+        print(json.dumps({k: v for k, v in report.items() if k != "loss_curve"}, indent=2))
     return 0
+
+
+def _eos_ids(target_cfg) -> list[int]:
+    eos = getattr(target_cfg, "eos_token_id", None)
+    return [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
 
 def _argv(args) -> list[str]:

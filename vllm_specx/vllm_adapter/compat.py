@@ -89,6 +89,9 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.triton_utils.dispatcher:register_kernels",
              "vLLM-CPU fix: a correct `expand_kernel` replaces the CPU override that drops its output "
              "(cpu_fixes.py)", params=("overrides",)),
+    Internal("vllm.model_executor.layers.utils:dispatch_cpu_unquantized_gemm",
+             "SpecVocab on CPU: fixed-vocabulary rows and the projection go through vLLM-CPU's prepacked GEMM; "
+             "it sets layer.cpu_linear(x, weight, bias)", params=("layer", "remove_weight")),
     Internal("vllm.v1.sample.rejection_sampler:expand_kernel",
              "vLLM-CPU fix: the kernel whose CPU override is replaced; launched as "
              "(output, input_val, cu_num_tokens, replace_from, replace_to, ...)"),

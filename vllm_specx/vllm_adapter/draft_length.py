@@ -34,6 +34,7 @@ from vllm_specx.core.early_stop import (
     load_early_stop,
     topk_and_entropy,
 )
+from vllm_specx.core.spec_vocab import summarise_logprobs
 
 DEFAULT_THRESHOLD = 0.25  # used when the drafter folder has no calibrated cost model
 
@@ -98,8 +99,9 @@ class ChainStopController:
             self.metrics.skipped_steps.inc()
         return True
 
-    def observe(self, normed_hidden: torch.Tensor, logits: torch.Tensor) -> None:
-        """One draft step: normed_hidden [B, H], logits [B, V] (the token drafted is the argmax)."""
+    def observe(self, normed_hidden: torch.Tensor, logits: torch.Tensor, logprobs: bool = False) -> None:
+        """One draft step: normed_hidden [B, H], logits [B, V] (the token drafted is the argmax);
+        logprobs=True: the row holds log-probs of a subset head that may sum to < 1 (not renormalised)."""
         if not self._armed:
             return
         b = logits.shape[0]
@@ -109,7 +111,7 @@ class ChainStopController:
             ids_ok = self.calibration is not None and self._req_ids is not None and len(self._req_ids) == b
             self._scale = self.calibration.scales(self._req_ids) if ids_ok else torch.ones(b)
             self._raw_path, self._expected = torch.ones(b), torch.zeros(b)
-        top, entropy = topk_and_entropy(logits.float(), k=2)
+        top, entropy = summarise_logprobs(logits, k=2) if logprobs else topk_and_entropy(logits.float(), k=2)
         top, entropy = top.cpu(), entropy.cpu()
         depth = torch.full((b,), self._depth)
         feats = draft_step_features(normed_hidden.float().cpu(), top, entropy, depth, self._path_conf,
@@ -120,7 +122,8 @@ class ChainStopController:
         self._expected += torch.where(keep, self._raw_path, torch.zeros(b))
         self._tokens.append(logits.argmax(-1))
         if self.max_siblings > 0:
-            top_p, top_i = torch.softmax(logits.float(), dim=-1).topk(self.max_siblings + 1, dim=-1)
+            probs = logits.float().exp() if logprobs else torch.softmax(logits.float(), dim=-1)
+            top_p, top_i = probs.topk(self.max_siblings + 1, dim=-1)
             path = self.policy.path_prob.clone()  # P(chain through this depth accepted), where kept
             self._sibs.append((top_i[:, 1:].cpu(), top_p[:, 1:].cpu(), path.cpu()))
         self._path_conf = self._path_conf * top[:, 0]
@@ -177,17 +180,21 @@ class ChainStopController:
 
 
 def load_controller(drafter_dir: str | Path, early_stop: dict, max_k: int,
-                    tree: dict | None = None) -> ChainStopController | None:
+                    tree: dict | None = None, vocab_mode: str | None = None) -> ChainStopController | None:
     """The controller described by specx_config.json's `early_stop` section (None when absent/off).
     tree = {"max_siblings": m, optional "threshold"}: draft PCT trees (chain + pruned runner-up
     children, see core.tree); their node threshold is the cost model's, else tree.threshold, else
-    the early-stop threshold."""
+    the early-stop threshold. vocab_mode: the LM-head mode in use; a cost model measured in that mode
+    (`cost_model.<mode>.json`, written by `vllm-specx calibrate` under SPECX_VOCAB=<mode>) wins over
+    the default file, since the head's mode changes the cost of a draft step."""
     if not early_stop or not early_stop.get("enabled", True) or "path" not in early_stop:
         return None
     folder = Path(drafter_dir) / early_stop["path"]
     model = load_early_stop(folder)
     proj = getattr(model, "hidden_proj", None)
     cost_file = Path(drafter_dir) / early_stop.get("cost_model", "cost_model.json")
+    if vocab_mode is not None and (Path(drafter_dir) / f"cost_model.{vocab_mode}.json").exists():
+        cost_file = Path(drafter_dir) / f"cost_model.{vocab_mode}.json"
     forced = os.environ.get("SPECX_NODE_THRESHOLD")  # experiments: one fixed threshold for every node
     if forced is not None:
         early_stop = dict(early_stop, threshold=float(forced))

