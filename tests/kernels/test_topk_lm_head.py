@@ -386,3 +386,24 @@ def test_cuda_kernel_realistic_sizes(batch, vocab, hidden, dtype):
         got = tlh.topk_lm_head(h, w, cand, k)
         ref = tlh.topk_lm_head_reference(h, w, cand, k)
         assert_topk_matches(got, ref, h, w, cand, k)
+
+
+def test_interpreter_is_active_whenever_there_is_no_gpu():
+    """Guards the suite itself: if a module imported the kernels before TRITON_INTERPRET was set, every
+    interpreted test above would silently skip (this happened once)."""
+    if torch.cuda.is_available() or not tlh.HAS_TRITON:
+        pytest.skip("GPU present (compiled kernels) or triton not installed")
+    assert tlh.TRITON_INTERPRETED and tlh.triton_path_available("cpu")
+
+
+def test_serving_path_never_uses_the_interpreter(monkeypatch):
+    from vllm_specx.core.spec_vocab import speculative_vocab_logprobs, svd_projection
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("Triton interpreter used on the serving path")
+
+    monkeypatch.setattr(tlh, "topk_lm_head_triton", must_not_run)
+    h, w, _ = make_inputs(2, 300, 32, 20, torch.float32, seed=1)
+    a, b = svd_projection(w.cpu(), 8)
+    out = speculative_vocab_logprobs(h.cpu(), w.cpu(), a, b, 50, 4, compiled_kernel_only=True)
+    assert int(torch.isfinite(out).sum()) == 2 * 4

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from vllm_specx.kernels.topk_lm_head import topk_lm_head
+from vllm_specx.kernels.topk_lm_head import topk_lm_head, topk_lm_head_reference
 from vllm_specx.kernels.vocab_select import select_candidates_reference
 
 
@@ -90,13 +90,15 @@ def speculative_vocab_logprobs(
     num_candidates: int,  # C
     k: int,  # log-probs kept per row
     score: Callable[[torch.Tensor], torch.Tensor] | None = None,  # z [B, r] -> z @ proj_b.T (a faster GEMM)
+    compiled_kernel_only: bool = False,  # never the Triton *interpreter* (a test device, far too slow to serve)
 ) -> torch.Tensor:  # [B, V]: top-k log-probs (normalised over the C candidates), -inf elsewhere
     if score is None:
         cand_ids = select_candidates_reference(hidden, proj_a, proj_b, num_candidates)  # [B, C]
     else:  # same selection, scores from the caller's GEMM
         z = hidden.float() @ proj_a.float()  # [B, r]
         cand_ids = torch.topk(score(z).float(), num_candidates, dim=-1, sorted=True).indices
-    ids, logprobs, _ = topk_lm_head(hidden, lm_head_weight, cand_ids, k)  # [B, k] each
+    subset_topk = topk_lm_head_reference if compiled_kernel_only and hidden.device.type != "cuda" else topk_lm_head
+    ids, logprobs, _ = subset_topk(hidden, lm_head_weight, cand_ids, k)  # [B, k] each
     return scatter_logprobs(ids, logprobs, lm_head_weight.shape[0])
 
 

@@ -79,7 +79,8 @@ class VocabSubsetHead(nn.Module):
         weight = lm_head_weight[: self.vocab_size]  # vLLM pads the head's rows to a multiple of 64
         if self.mode == "speculative":
             return speculative_vocab_logprobs(hidden, weight, self.proj_a, self.proj_b,
-                                              self.num_candidates, self.return_topk, score=self._score)
+                                              self.num_candidates, self.return_topk, score=self._score,
+                                              compiled_kernel_only=True)
         key = weight.data_ptr()
         if self._fixed_rows is None or self._fixed_rows[0] != key:
             rows = weight.index_select(0, self.fixed_ids).contiguous()
