@@ -80,7 +80,8 @@ class SpecxConfig:
         if not isinstance(path, str) or not path or Path(path).is_absolute() or ".." in path:
             raise SpecxConfigError(f"specx_config.json: vocab.path must be a file name inside the drafter folder, got {path!r}")
         for name, lo, hi in (("num_candidates", 1, self.target.vocab_size), ("return_topk", 1, 64),
-                             ("rank", 1, 1 << 16), ("fixed_size", 1, self.target.vocab_size)):
+                             ("rank", 1, 1 << 16), ("fixed_size", 1, self.target.vocab_size),
+                             ("max_batch", 1, 1 << 20)):
             value = vocab.get(name, lo)
             if not _is_int(value) or not lo <= value <= hi:
                 raise SpecxConfigError(f"specx_config.json: vocab.{name} must be an integer in [{lo}, {hi}], got {value!r}")

@@ -21,7 +21,8 @@ def _target_head(tiny_target) -> torch.Tensor:
         return f.get_tensor(name).float()
 
 
-def _drafter_with_vocab(tiny_edd_drafter, tmp_path, mode, *, num_candidates=2048, fixed_ids=None, rank=16):
+def _drafter_with_vocab(tiny_edd_drafter, tmp_path, mode, *, num_candidates=2048, fixed_ids=None, rank=16,
+                        max_batch=64):
     from vllm_specx.core.spec_vocab import svd_projection
     from vllm_specx.training.vocab_fit import save_vocab
 
@@ -32,7 +33,8 @@ def _drafter_with_vocab(tiny_edd_drafter, tmp_path, mode, *, num_candidates=2048
     head = _target_head(str(tiny_llama_path()))
     proj_a, proj_b = svd_projection(head, rank)
     ids = torch.arange(head.shape[0]) if fixed_ids is None else fixed_ids
-    save_vocab(folder, proj_a, proj_b, ids, {"rank": rank, "num_candidates": num_candidates, "return_topk": 8}, mode)
+    save_vocab(folder, proj_a, proj_b, ids, {"rank": rank, "num_candidates": num_candidates, "return_topk": 8,
+                                                  "max_batch": max_batch}, mode)
     return str(folder)
 
 
@@ -143,3 +145,24 @@ def test_calibrate_writes_a_cost_model_per_vocab_mode(tiny_edd_drafter, tmp_path
     monkeypatch.setenv("SPECX_VOCAB", "tiny")
     with pytest.raises(Exception, match="SPECX_VOCAB='tiny'"):
         default_cost_model_path(drafter)
+
+
+def test_speculative_head_hands_large_batches_to_the_full_head(tiny_target, tiny_edd_drafter, tiny_plain_outputs,
+                                                               tmp_path, monkeypatch):
+    """Above vocab.max_batch rows the full head drafts (per-row subsets no longer pay); both paths lossless."""
+    from vllm_specx.vllm_adapter.vocab_head import VocabSubsetHead
+
+    rows_seen = []
+    orig = VocabSubsetHead.forward
+
+    def counting_forward(self, hidden, lm_head_weight):
+        rows_seen.append(hidden.shape[0])
+        return orig(self, hidden, lm_head_weight)
+
+    monkeypatch.setattr(VocabSubsetHead, "forward", counting_forward)  # the engine runs in this process
+    drafter = _drafter_with_vocab(tiny_edd_drafter, tmp_path, "speculative", num_candidates=64, max_batch=1)
+    res = run_generate(tiny_target, PROMPTS, _spec(drafter), max_tokens=48, llm_kwargs={"max_num_seqs": 8})
+    assert_same_tokens(tiny_plain_outputs["base"].token_ids, res.token_ids)
+    # 8 requests in flight: the subset head ran only on steps with one row left, the full head on the rest
+    assert rows_seen and set(rows_seen) == {1}, sorted(set(rows_seen))
+    assert len(rows_seen) < K * res.metrics.num_drafts

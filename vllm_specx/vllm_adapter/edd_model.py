@@ -178,14 +178,15 @@ class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
         # vLLM's proposer calls this once per draft step, hidden_states [B, H] in batch order.
         # Subset modes return log-probs [B, V] (-inf outside the subset): argmax and softmax-sampling
         # of the row are exactly the drafter's proposal distribution.
+        subset = self.vocab_head is not None and self.vocab_head.pays(hidden_states.shape[0])
         with draft_profile.timed("head", hidden_states.device):
-            if self.vocab_head is None:
-                logits = self.logits_processor(self.lm_head, hidden_states)
-            else:
+            if subset:
                 logits = self.vocab_head(hidden_states, self.lm_head.weight)
+            else:
+                logits = self.logits_processor(self.lm_head, hidden_states)
         if self.draft_length is not None and logits is not None:
             # may end the drafting loop early
-            self.draft_length.observe(hidden_states, logits, logprobs=self.vocab_head is not None)
+            self.draft_length.observe(hidden_states, logits, logprobs=subset)
         return logits
 
     def combine_hidden_states(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,11 @@ class VocabSubsetHead(nn.Module):
         self.mode, self.vocab_size = mode, vocab_size
         self.num_candidates = int(settings.get("num_candidates", 2048))
         self.return_topk = int(settings.get("return_topk", 16))
+        # Per-row candidate sets share no weight reads across the batch: the speculative head reads B*C
+        # rows against the full head's V. On this project's CPU it stopped paying between batch 1 and 4
+        # (C 2048, V 49k: calibrate measured 6.2 vs 7.9 ms per draft token at batch 1, 10.7 vs 9.8 at 4),
+        # so by default it runs while B*C <= V/8 and the full head takes larger batches.
+        self.max_batch = int(settings.get("max_batch", max(1, vocab_size // (8 * self.num_candidates))))
         need = {"speculative": ("proj_a", "proj_b"), "fixed": ("fixed_ids",)}[mode]
         missing = [n for n in need if n not in tensors]
         if missing:
@@ -74,6 +79,10 @@ class VocabSubsetHead(nn.Module):
         self._fixed_rows: tuple[int, torch.Tensor, object] | None = None
         # CPU: vLLM's prepacked GEMM (oneDNN) is ~2x torch's for these skinny products
         self._score = cpu_packed_linear(self.proj_b) if mode == "speculative" else None
+
+    def pays(self, batch_size: int) -> bool:
+        """False: the caller should use the full head for this step (speculative mode, large batch)."""
+        return self.mode != "speculative" or batch_size <= self.max_batch
 
     def forward(self, hidden: torch.Tensor, lm_head_weight: torch.Tensor) -> torch.Tensor:
         weight = lm_head_weight[: self.vocab_size]  # vLLM pads the head's rows to a multiple of 64
