@@ -114,7 +114,7 @@ def test_subset_head_refuses_tensor_parallel():
     specx = SpecxConfig(drafter="edd", target=TargetSignature("LlamaForCausalLM", 100, 8, 2), vocab_mode="fixed",
                         vocab={"path": "vocab.safetensors"}).validate()
     with pytest.raises(SpecxConfigError, match="tensor_parallel_size=2"):
-        build_vocab_head("/nonexistent", specx, 100, 8, torch.device("cpu"), tensor_parallel_size=2)
+        build_vocab_head("/nonexistent", specx, "fixed", 100, 8, torch.device("cpu"), tensor_parallel_size=2)
 
 
 from tests.vllm.test_tree_verify import edd_tree_drafter  # noqa: E402,F401  (fixture: decision model + trees on)

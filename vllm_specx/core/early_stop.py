@@ -68,7 +68,12 @@ def topk_and_entropy(
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # [B, V]
+    return top_probs_and_entropy(torch.log_softmax(logits.float() / temperature, dim=-1), k)
+
+
+def top_probs_and_entropy(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logp [B, V] log-probabilities (as given: not renormalised) -> (top-k probs [B, k] sorted desc,
+    zero-padded when V < k; -sum p log p [B] over the given entries)."""
     p = logp.exp()
     entropy = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)  # [B]
     topk = p.topk(min(k, p.shape[-1]), dim=-1).values  # [B, min(k, V)]

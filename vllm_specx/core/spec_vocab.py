@@ -25,8 +25,9 @@ from collections.abc import Callable
 
 import torch
 
+from vllm_specx.core.early_stop import top_probs_and_entropy
 from vllm_specx.kernels.topk_lm_head import topk_lm_head, topk_lm_head_reference
-from vllm_specx.kernels.vocab_select import select_candidates_reference
+from vllm_specx.kernels.vocab_select import lowrank_scores_reference, top_candidates
 
 
 def svd_projection(lm_head_weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,10 +94,10 @@ def speculative_vocab_logprobs(
     compiled_kernel_only: bool = False,  # never the Triton *interpreter* (a test device, far too slow to serve)
 ) -> torch.Tensor:  # [B, V]: top-k log-probs (normalised over the C candidates), -inf elsewhere
     if score is None:
-        cand_ids = select_candidates_reference(hidden, proj_a, proj_b, num_candidates)  # [B, C]
-    else:  # same selection, scores from the caller's GEMM
-        z = hidden.float() @ proj_a.float()  # [B, r]
-        cand_ids = torch.topk(score(z).float(), num_candidates, dim=-1, sorted=True).indices
+        scores = lowrank_scores_reference(hidden, proj_a, proj_b)  # [B, V]
+    else:
+        scores = score(hidden.float() @ proj_a.float()).float()  # z [B, r] through the caller's GEMM
+    cand_ids = top_candidates(scores, num_candidates)  # [B, C]
     subset_topk = topk_lm_head_reference if compiled_kernel_only and hidden.device.type != "cuda" else topk_lm_head
     ids, logprobs, _ = subset_topk(hidden, lm_head_weight, cand_ids, k)  # [B, k] each
     return scatter_logprobs(ids, logprobs, lm_head_weight.shape[0])
@@ -109,13 +110,9 @@ def summarise_logprobs(logprobs: torch.Tensor, k: int = 2) -> tuple[torch.Tensor
     lumped outcome in the entropy (a lower bound of the true entropy) and is never a top-k entry.
     """
     lp = logprobs.float()
-    p = lp.exp()  # [B, V]
-    ent = -torch.where(p > 0, p * lp, torch.zeros_like(p)).sum(-1)
-    rest = (1.0 - p.sum(-1)).clamp_min(0.0)
+    top, ent = top_probs_and_entropy(lp, k)
+    rest = (1.0 - lp.exp().sum(-1)).clamp_min(0.0)
     ent = ent - torch.where(rest > 0, rest * rest.clamp_min(1e-30).log(), torch.zeros_like(rest))
-    top = p.topk(min(k, p.shape[-1]), dim=-1).values
-    if top.shape[-1] < k:
-        top = torch.nn.functional.pad(top, (0, k - top.shape[-1]))
     return top, ent
 
 

@@ -12,13 +12,14 @@ from vllm_specx.kernels.topk_lm_head import (
     topk_lm_head_triton,
     triton_path_available,
 )
-from vllm_specx.kernels.vocab_select import lowrank_scores_reference, select_candidates_reference
+from vllm_specx.kernels.vocab_select import lowrank_scores_reference, select_candidates_reference, top_candidates
 
 __all__ = [
     "HAS_TRITON",
     "full_vocab_topk_reference",
     "lowrank_scores_reference",
     "select_candidates_reference",
+    "top_candidates",
     "topk_lm_head_reference",
     "topk_lm_head_triton",
     "triton_path_available",

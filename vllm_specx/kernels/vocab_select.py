@@ -66,13 +66,20 @@ def select_candidates_reference(
     always_include: torch.Tensor | None = None,  # [B, m] ids forced into the set, -1 = padding
 ) -> torch.Tensor:  # [B, C] int64 unique vocabulary ids, best approximate score first
     """Top-C vocabulary ids by low-rank approximate score, with forced ids."""
-    vocab_size = proj_b.shape[0]
+    return top_candidates(lowrank_scores_reference(hidden, proj_a, proj_b), num_candidates, always_include)
+
+
+def top_candidates(
+    scores: torch.Tensor,  # [B, V] fp32 approximate scores (modified in place when ids are forced)
+    num_candidates: int,  # C, 1 <= C <= V
+    always_include: torch.Tensor | None = None,  # [B, m] ids forced into the set, -1 = padding
+) -> torch.Tensor:  # [B, C] int64 unique vocabulary ids, best approximate score first
+    """The selection half of `select_candidates_reference`, for scores computed by any GEMM."""
+    vocab_size = scores.shape[1]
     if not 1 <= num_candidates <= vocab_size:
         raise ValueError(f"num_candidates must be in [1, {vocab_size}], got {num_candidates}")
-    scores = lowrank_scores_reference(hidden, proj_a, proj_b)  # [B, V] fp32
-
     if always_include is not None and always_include.numel() > 0:
-        if always_include.dim() != 2 or always_include.shape[0] != hidden.shape[0]:
+        if always_include.dim() != 2 or always_include.shape[0] != scores.shape[0]:
             raise ValueError(f"always_include must be [B, m], got {tuple(always_include.shape)}")
         if always_include.shape[1] > num_candidates:
             raise ValueError("always_include has more columns than num_candidates")

