@@ -118,3 +118,18 @@ def test_projection_training_lifts_recall_of_the_teacher_tokens():
     a, b, curve = fit_projection(states, a0, b0, steps=80, lr=5e-2, batch=256, seed=0)
     assert curve[-1] < curve[0]
     assert before < 0.2 and recall(a, b) > 0.8, (before, recall(a, b))
+
+
+def test_recall_report_weights_every_state_once():
+    """Chunks of unequal size: the report is the recall over all states, not the mean of chunk means."""
+    from vllm_specx.training.vocab_fit import recall_report
+
+    v, h = 50, 8
+    a, b = torch.eye(h), torch.zeros(v, h)
+    b[:h] = torch.eye(h)  # ids 0..7 score by their own hidden coordinate; 8.. score 0
+    hidden = torch.full((5, h), -1.0)
+    hidden[:, 0] = 1.0  # top-1 candidate: id 0
+    wanted = torch.tensor([0, 0, 0, 0, 9])  # first chunk (4 rows) all hits, last chunk (1 row) a miss
+    states = {"hidden": hidden, "draft_ids": wanted[:, None], "target_ids": wanted[:, None]}
+    rep = recall_report(states, a, b, num_candidates=1, chunk=4)
+    assert rep["draft_top1_in_candidates"] == pytest.approx(0.8)  # chunk means would give 0.5

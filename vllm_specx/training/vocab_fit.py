@@ -61,13 +61,14 @@ def collect_draft_states(drafter, records: list[dict], max_tokens: int, seed: in
 @torch.no_grad()
 def recall_report(states: dict, proj_a: torch.Tensor, proj_b: torch.Tensor, num_candidates: int,
                   fixed_ids: torch.Tensor | None = None, chunk: int = 512) -> dict:
-    hits_d, hits_t = [], []
-    for s in range(0, states["hidden"].shape[0], chunk):
+    n = states["hidden"].shape[0]
+    hits_d = hits_t = 0.0
+    for s in range(0, n, chunk):  # recall per chunk, weighted by the chunk's size (the last is shorter)
         cand = select_candidates_reference(states["hidden"][s:s + chunk], proj_a, proj_b, num_candidates)
-        hits_d.append(candidate_recall(cand, states["draft_ids"][s:s + chunk, 0]))
-        hits_t.append(candidate_recall(cand, states["target_ids"][s:s + chunk, 0]))
-    report = {"draft_top1_in_candidates": sum(hits_d) / len(hits_d),
-              "target_top1_in_candidates": sum(hits_t) / len(hits_t)}
+        rows = cand.shape[0]
+        hits_d += rows * candidate_recall(cand, states["draft_ids"][s:s + chunk, 0])
+        hits_t += rows * candidate_recall(cand, states["target_ids"][s:s + chunk, 0])
+    report = {"draft_top1_in_candidates": hits_d / n, "target_top1_in_candidates": hits_t / n}
     if fixed_ids is not None:
         in_fixed = torch.zeros(proj_b.shape[0], dtype=torch.bool)
         in_fixed[fixed_ids] = True
