@@ -1,0 +1,99 @@
+"""PCT trees inside vLLM when requests end inside an accepted path, are preempted, or share cached
+prefixes. Oracle trees (test_tree_verify.py) make every step accept 3 side-branch tokens + the bonus
+token, so outputs grow 4 tokens per step and stops land inside accepted paths; every output is
+compared with a plain engine run on the same requests."""
+
+import pytest
+
+from tests.conftest import many_prompts
+from tests.vllm.test_tree_verify import K, _oracle, edd_tree_drafter  # noqa: F401 (fixture)
+from vllm_specx.testing import assert_same_tokens, make_llm, shutdown
+
+
+def _generate(target: str, spec: dict | None, prompts: list[str], params: list, **llm_kwargs):
+    llm = make_llm(target, spec, **llm_kwargs)
+    try:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        metrics = {m.name: m for m in llm.get_metrics()}
+    finally:
+        shutdown(llm)
+    return outs, metrics
+
+
+def _counter(metrics: dict, name: str) -> int:
+    m = metrics.get(name)
+    return int(m.value) if m is not None else 0
+
+
+def _oracle_from(tiny_target: str, prompts: list[str], plain_32: list[list[int]], monkeypatch) -> None:
+    from transformers import AutoTokenizer
+
+    from vllm_specx.vllm_adapter.draft_length import ChainStopController
+
+    tok = AutoTokenizer.from_pretrained(tiny_target)
+    by_prompt = {tuple(tok(p)["input_ids"]): out for p, out in zip(prompts, plain_32)}
+    monkeypatch.setattr(ChainStopController, "take_trees", _oracle(by_prompt, len(tok)))
+
+
+def test_requests_stopping_inside_accepted_tree_paths(tiny_target, edd_tree_drafter, tiny_plain_outputs, monkeypatch):
+    """max_tokens, stop strings and stop token ids (the EOS path) that fall inside a step's accepted
+    path: same tokens, text and finish reason as plain decoding."""
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+
+    from vllm_specx.vllm_adapter import tree_step
+
+    prompts = many_prompts(64)[:32]
+    plain_32 = tiny_plain_outputs["many"].token_ids[:32]
+    tok = AutoTokenizer.from_pretrained(tiny_target)
+    params = []
+    for i, ref in enumerate(plain_32):
+        kind = i % 4
+        if kind == 0:  # lengths 14, 15 end inside a 4-token step (outputs grow 1, 5, 9, 13, ...)
+            params.append(SamplingParams(temperature=0.0, max_tokens=14 + i % 8 // 4))
+        elif kind == 1:
+            params.append(SamplingParams(temperature=0.0, max_tokens=32, stop=[tok.decode(ref[10:12])]))
+        elif kind == 2:
+            params.append(SamplingParams(temperature=0.0, max_tokens=32, stop_token_ids=[ref[6 + i % 3]]))
+        else:
+            params.append(SamplingParams(temperature=0.0, max_tokens=32))
+    plain, _ = _generate(tiny_target, None, prompts, params)
+    _oracle_from(tiny_target, prompts, plain_32, monkeypatch)
+    before = dict(tree_step.STATS)
+    spec = {"method": "eagle3", "model": edd_tree_drafter, "num_speculative_tokens": K}
+    tree, metrics = _generate(tiny_target, spec, prompts, params)
+    for i, (a, b) in enumerate(zip(plain, tree)):
+        assert list(b.outputs[0].token_ids) == list(a.outputs[0].token_ids), i
+        assert b.outputs[0].text == a.outputs[0].text, i
+        assert b.outputs[0].finish_reason == a.outputs[0].finish_reason, i
+    finished_early = [len(o.outputs[0].token_ids) for o in plain if len(o.outputs[0].token_ids) < 32]
+    assert len(finished_early) >= 16 and any((n - 1) % 4 for n in finished_early)  # stops inside paths
+    assert tree_step.STATS["nodes_accepted"] - before["nodes_accepted"] >= 2 * _counter(
+        metrics, "vllm:spec_decode_num_drafts")
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_trees_under_preemption_and_prefix_caching(tiny_target, edd_tree_drafter, monkeypatch, prefix_caching):
+    """A KV cache too small for the batch (requests preempted and recomputed), prompts sharing a long
+    prefix (cached blocks reused): oracle trees stay lossless."""
+    from vllm import SamplingParams
+
+    shared = "You are a careful assistant. Answer briefly and do not repeat the question back. " * 4
+    prompts = [shared + p for p in many_prompts(24)]
+    params = [SamplingParams(temperature=0.0, max_tokens=32) for _ in prompts]
+    plain, _ = _generate(tiny_target, None, prompts, params)
+    plain_ids = [list(o.outputs[0].token_ids) for o in plain]
+    _oracle_from(tiny_target, prompts, plain_ids, monkeypatch)
+    spec = {"method": "eagle3", "model": edd_tree_drafter, "num_speculative_tokens": K}
+    tree, metrics = _generate(tiny_target, spec, prompts, params, block_size=32, enable_prefix_caching=prefix_caching,
+                              num_gpu_blocks_override=KV_BLOCKS_FOR_PREEMPTION)
+    assert_same_tokens(plain_ids, [list(o.outputs[0].token_ids) for o in tree])
+    assert _counter(metrics, "vllm:num_preemptions") > 0
+    if prefix_caching:
+        assert _counter(metrics, "vllm:prefix_cache_hits") > 0
+    assert _counter(metrics, "vllm:spec_decode_num_accepted_tokens") >= 2 * _counter(metrics, "vllm:spec_decode_num_drafts")
+
+
+# 24 requests of ~110 prompt + 32 output tokens need ~5 blocks of 32 tokens each (120 for the batch,
+# 2 of them shareable prefix): 40 blocks force preemption and recomputation.
+KV_BLOCKS_FOR_PREEMPTION = 40
