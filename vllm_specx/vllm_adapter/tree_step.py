@@ -11,16 +11,21 @@ its shape waits here, by request id, for the step that verifies it:
      `core.tree_attention.tree_attention_paged` over the paged cache: its context plus those nodes
      that are its ancestors-or-self (a request without a tree gets the causal mask: a chain).
   3. `_sample` (wrapped): vLLM's sampler runs for every request, then each tree request's row is
-     replaced by the greedy walk (`core.tree_verify.greedy_accept`): accepted nodes + bonus token.
-     The accepted nodes' KV is copied to slots base+1..base+a in every layer.
+     replaced by the walk over its tree: greedy (`core.tree_verify.greedy_accept`) or, for requests
+     sampled at a temperature, multi-candidate recursive rejection sampling with point-mass candidates
+     (`core.tree_verify.sample_accept`, form (a): child c is accepted with the residual target
+     probability of c, otherwise c is removed from the residual), whose output follows softmax(logits/T)
+     exactly. Accepted nodes + bonus token; their KV is copied to slots base+1..base+a in every layer.
   4. `propose_draft_token_ids` (wrapped): input ids, positions and hidden states rows are permuted so
      that the accepted path comes first. From there on vLLM (scheduler accounting, the EAGLE
      proposer) sees an ordinary chain step that accepted a drafts.
 
-Trees are built only for plain greedy requests (`tree_eligible`): anything vLLM's sampler would
-change (temperature, penalties, logit bias, bad words, allowed tokens, min_tokens, logprobs,
-structured output) is drafted and verified as a chain by vLLM itself. Lossless either way: the walk
-accepts a node only if it is the target's argmax after the accepted path. Sync scheduling only
+Trees are built only for greedy requests and plain temperature sampling (`tree_eligible`): anything
+else vLLM's sampler would change (top-k/top-p/min-p, penalties, logit bias, bad words, allowed tokens,
+min_tokens, logprobs, structured output) is drafted and verified as a chain by vLLM itself. Lossless
+either way: the greedy walk accepts a node only if it is the target's argmax after the accepted path,
+the sampling walk emits each token with the target's probability (seeded requests use their own
+generator). Sync scheduling only
 (vLLM-CPU always is); state lives in this module, per worker process.
 """
 
@@ -33,7 +38,7 @@ import torch
 
 from vllm_specx.core.tree import node_depth
 from vllm_specx.core.tree_attention import tree_attention_paged
-from vllm_specx.core.tree_verify import greedy_accept
+from vllm_specx.core.tree_verify import greedy_accept, sample_accept
 
 
 @dataclass
@@ -71,7 +76,7 @@ class _Step:
 
 _PENDING: dict[str, tuple[list[int], list[int]]] = {}  # req_id -> (node tokens, parents), nodes 1..n
 _STEP: list[_Step | None] = [None]
-STATS = {"tree_steps": 0, "tree_requests": 0, "nodes_verified": 0, "nodes_accepted": 0}
+STATS = {"tree_steps": 0, "tree_requests": 0, "sampled_tree_requests": 0, "nodes_verified": 0, "nodes_accepted": 0}
 
 
 def _ancestor_or_self(parents: torch.Tensor) -> torch.Tensor:
@@ -101,11 +106,12 @@ def trees_supported(runner) -> bool:
 
 
 def tree_eligible(sampling_params, has_structured_output: bool = False) -> bool:
-    """Plain greedy: the target's token is the argmax of its raw logits (see module docstring)."""
+    """Greedy, or sampling from softmax(logits / temperature) and nothing else (see module docstring)."""
     sp = sampling_params
     if sp is None or has_structured_output:
         return False
-    return (sp.temperature < 1e-5 and not sp.logprobs and not sp.logit_bias and not sp.bad_words_token_ids
+    plain_temperature = sp.top_p == 1.0 and sp.top_k in (0, -1, None) and not getattr(sp, "min_p", 0.0)
+    return ((sp.temperature < 1e-5 or plain_temperature) and not sp.logprobs and not sp.logit_bias and not sp.bad_words_token_ids
             and not sp.allowed_token_ids and not sp.min_tokens and sp.presence_penalty == 0.0
             and sp.frequency_penalty == 0.0 and sp.repetition_penalty == 1.0
             and getattr(sp, "structured_outputs", None) is None)
@@ -193,12 +199,11 @@ def _wrap_sample(orig):
         cu = spec_decode_metadata.cu_num_sampled_tokens.tolist()
         sampled = out.sampled_token_ids  # [B, max drafts + 1], -1 padded
         STATS["tree_steps"] += 1
+        batch = self.input_batch
         for i, row in step.rows.items():
             n = row.parents.numel()
             start = cu[i] - n
-            argmax = logits[start: start + n].argmax(-1).cpu()  # target's choice after each node
-            res = greedy_accept(row.tokens[None], row.parents[None], torch.ones(1, n, dtype=torch.bool),
-                                argmax[None])
+            res = _walk(row, logits[start: start + n], float(batch.temperature_cpu[i]), batch.generators.get(i))
             a = int(res.num_accepted[0])  # accepted nodes including the root
             row.path = res.accepted_path[0, :a].tolist()
             emitted = res.emitted_tokens(row.tokens[None])[0, :a]  # a-1 accepted draft tokens + the bonus
@@ -212,6 +217,17 @@ def _wrap_sample(orig):
 
     _sample.__specx_tree__ = True
     return _sample
+
+
+def _walk(row: _TreeRow, node_logits: torch.Tensor, temperature: float, generator: torch.Generator | None):
+    """node_logits [n, V]: the target's raw logits after each node -> the accepted path and bonus token."""
+    n = row.parents.numel()
+    valid = torch.ones(1, n, dtype=torch.bool)
+    if temperature < 1e-5:
+        return greedy_accept(row.tokens[None], row.parents[None], valid, node_logits.argmax(-1).cpu()[None])
+    STATS["sampled_tree_requests"] += 1
+    probs = torch.softmax(node_logits.float().cpu() / temperature, dim=-1)
+    return sample_accept(row.tokens[None], row.parents[None], valid, probs[None], generator=generator)
 
 
 def _move_path_kv(kv_caches: list[torch.Tensor], step: _Step) -> None:
