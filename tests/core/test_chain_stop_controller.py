@@ -107,3 +107,52 @@ def test_online_calibration_forgets_finished_requests():
     assert cal.scales(["a"]).item() == 1.0 and set(cal._sums) == {"b"}
     with pytest.raises(ValueError):
         OnlineAcceptCalibration(decay=1.0)
+
+
+# ------------------------------------------------------------------ whole-step payoff
+def test_drafting_payoff_skips_buckets_that_do_not_earn_their_cost_and_explores():
+    from vllm_specx.core.early_stop import DraftingPayoff
+
+    # drafting costs 0.1 of a plain step at batch 1, 0.5 at batch 64 (+ verify 0.1 per kept fraction)
+    payoff = DraftingPayoff(lambda b, kept: (0.1 if b < 8 else 0.5) + 0.1 * kept, decay=0.5, explore_every=4)
+    assert payoff.pays(64) and payoff.pays(1)  # no evidence yet: draft and measure
+    for _ in range(5):
+        payoff.update(64, accepted=6, kept=8)  # 0.09 accepted per request: below 0.5 + 0.0125
+        payoff.update(1, accepted=1, kept=1)  # 1 accepted per request: pays
+    assert payoff.pays(1)
+    decisions = [payoff.pays(64) for _ in range(8)]
+    assert decisions == [False, False, False, True] * 2  # one exploring step in four
+    assert payoff.pays(48)  # another bucket (32..63) has its own evidence (none yet)
+    for _ in range(10):
+        payoff.update(64, accepted=50, kept=60)  # the drafter earns again at this batch size
+    assert payoff.pays(64)
+    a, f = payoff.estimate(64)
+    assert abs(a - 50 / 64) < 0.01 and abs(f - 60 / 64) < 0.01
+
+
+def test_controller_skips_steps_after_drafting_steps_that_did_not_pay(confidence_model):
+    """The controller feeds the payoff with what each drafting step earned (from the next step's
+    sampled counts); skipped steps teach it nothing; an exploring step drafts again."""
+    from vllm_specx.core.early_stop import DraftingPayoff
+
+    ctl = ChainStopController(DraftLengthPolicy(2, confidence_model), None, lambda b: 0.3,
+                              payoff=DraftingPayoff(lambda b, kept: 0.5, decay=0.0, explore_every=3))
+    ids = ["a", "b"]
+
+    def drafting_step(top1):
+        ctl.feedback(ids, [1, 1])  # nothing accepted in the step verified now
+        if ctl.skip_step(2):
+            return ctl.finish()
+        ctl.begin(armed=True)
+        try:
+            for _ in range(2):
+                ctl.observe(torch.randn(2, 8), _logits(top1))
+        except _AllStopped:
+            pass
+        return ctl.finish()
+
+    assert drafting_step([0.95, 0.95]) == [2, 2]  # no evidence: drafts
+    assert drafting_step([0.95, 0.95]) == [0, 0]  # 0 accepted < 0.5: skipped
+    assert drafting_step([0.95, 0.95]) == [0, 0]
+    assert drafting_step([0.95, 0.95]) == [2, 2]  # third skip in a row explores
+    assert ctl.stats["skipped_steps"] == 2

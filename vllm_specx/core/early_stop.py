@@ -511,3 +511,60 @@ class OnlineAcceptCalibration:
             acc, exp = self._sums.get(r, (0.0, 0.0))
             new[r] = (acc * self.decay + a, exp * self.decay + e)
         self._sums = new
+
+
+class DraftingPayoff:
+    """Whether a whole step of drafting pays at this batch size, from what recent drafting steps earned.
+
+    The per-node decision (`DraftLengthPolicy`) weighs one more token against its marginal cost, but the
+    drafter's first level runs for every request of the batch before any request can stop: at large
+    batches that fixed cost is paid on every step even when almost every request then stops at depth 0.
+    Drafting a step pays when the tokens it adds outweigh that cost:
+
+        accepted per request  >  (draft level for all + verify of the kept tokens) / plain step
+                                 = cost_ratio(batch_size, kept fraction)
+
+    Per batch-size bucket (powers of two) we keep exponentially decayed means of accepted tokens per
+    request and of the fraction of requests that kept a draft, over the steps that drafted. A bucket
+    with no evidence drafts; a bucket that does not pay skips, but drafts one step in `explore_every`
+    so that its estimate follows the drafter (and the traffic) back up.
+    """
+
+    def __init__(self, cost_ratio, decay: float = 0.9, explore_every: int = 16):
+        if not 0.0 <= decay < 1.0 or explore_every < 1:
+            raise ValueError(f"decay must be in [0, 1) and explore_every >= 1, got {decay}, {explore_every}")
+        self.cost_ratio = cost_ratio  # (batch_size, kept_fraction) -> cost of a drafting step / plain step
+        self.decay, self.explore_every = decay, explore_every
+        self._buckets: dict[int, list[float]] = {}  # bucket -> [accepted per request, kept fraction]
+        self._skipped: dict[int, int] = {}  # bucket -> steps skipped in a row
+
+    @staticmethod
+    def bucket(batch_size: int) -> int:
+        return max(int(batch_size), 1).bit_length()
+
+    def update(self, batch_size: int, accepted: int, kept: int) -> None:
+        """A verified drafting step: `accepted` tokens over the batch, `kept` requests had drafts."""
+        b = max(int(batch_size), 1)
+        a, f = accepted / b, kept / b
+        est = self._buckets.get(self.bucket(b))
+        if est is None:
+            self._buckets[self.bucket(b)] = [a, f]
+        else:
+            est[0] = self.decay * est[0] + (1 - self.decay) * a
+            est[1] = self.decay * est[1] + (1 - self.decay) * f
+
+    def estimate(self, batch_size: int) -> tuple[float, float] | None:
+        est = self._buckets.get(self.bucket(batch_size))
+        return None if est is None else (est[0], est[1])
+
+    def pays(self, batch_size: int) -> bool:
+        key = self.bucket(batch_size)
+        est = self._buckets.get(key)
+        if est is None or est[0] >= self.cost_ratio(batch_size, est[1]):
+            self._skipped[key] = 0
+            return True
+        self._skipped[key] = self._skipped.get(key, 0) + 1
+        if self._skipped[key] >= self.explore_every:
+            self._skipped[key] = 0
+            return True
+        return False

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from vllm_specx.core.early_stop import (
+    DraftingPayoff,
     DraftLengthPolicy,
     OnlineAcceptCalibration,
     draft_step_features,
@@ -55,6 +56,7 @@ class ChainStopController:
     calibration: OnlineAcceptCalibration | None = None
     drafting_pays: callable = lambda batch_size: True  # False: skip the drafter for this step entirely
     metrics: object | None = None  # prom_metrics.SpecxMetrics
+    payoff: DraftingPayoff | None = None  # skips whole steps whose drafting recently did not pay
     max_siblings: int = 0  # PCT: runner-up tokens per depth offered as alternative children (0: chains)
     sibling_threshold_for_batch: callable | None = None  # default: threshold_for_batch
     _sibs: list = field(default_factory=list)  # per depth: (ids [B, m], probs [B, m], chain path prob [B])
@@ -70,14 +72,19 @@ class ChainStopController:
     _raw_path: torch.Tensor | None = None  # [B] product of the model's raw accept probs kept so far
     _expected: torch.Tensor | None = None  # [B] sum of raw path probs over kept tokens
     _last: dict = field(default_factory=dict)  # req_id -> expected accepted of the step being verified
+    _last_step: tuple[int, int] | None = None  # (batch size, requests that kept drafts) of that step; None: skipped
+    _skipping: bool = False
 
     def feedback(self, req_ids: list[str], num_sampled: list[int]) -> None:
         """Before a step drafts: num_sampled[i] tokens were just emitted for req_ids[i] (accepted
         drafts + 1; 0 for a partial prefill). Feeds the calibration with the step now verified."""
         self._req_ids = list(req_ids)
+        accepted = [max(n - 1, 0) if r in self._last else 0 for r, n in zip(req_ids, num_sampled)]
+        if self.payoff is not None and self._last_step is not None:
+            self.payoff.update(self._last_step[0], sum(accepted), self._last_step[1])
+        self._last_step = None
         if self.calibration is None:
             return
-        accepted = [max(n - 1, 0) if r in self._last else 0 for r, n in zip(req_ids, num_sampled)]
         expected = [self._last.get(r, 0.0) for r in req_ids]
         self.calibration.update(req_ids, accepted, expected)
         if self.metrics is not None:
@@ -90,9 +97,12 @@ class ChainStopController:
         self._sibs, self._trees = [], None
 
     def skip_step(self, batch_size: int) -> bool:
-        """True when drafting does not pay at this batch size (cost model): the step drafts nothing."""
-        if self.drafting_pays(batch_size):
+        """True when drafting does not pay at this batch size (cost model, and what drafting steps at
+        this batch size recently earned: `DraftingPayoff`): the step drafts nothing."""
+        self._skipping = False
+        if self.drafting_pays(batch_size) and (self.payoff is None or self.payoff.pays(batch_size)):
             return False
+        self._skipping = True
         self._lengths, self._armed, self._expected = [0] * batch_size, True, torch.zeros(batch_size)
         self.stats["skipped_steps"] = self.stats.get("skipped_steps", 0) + 1
         if self.metrics is not None:
@@ -145,6 +155,8 @@ class ChainStopController:
         self._last = ({r: float(e) for r, e, n in zip(ids, self._expected.tolist(), lengths) if n > 0}
                       if lengths is not None and len(ids) == len(lengths) else {})
         self._req_ids = None
+        self._last_step = None if lengths is None or self._skipping else (len(lengths), sum(n > 0 for n in lengths))
+        self._skipping = False
         if lengths is not None:
             self.stats["steps"] += 1
             self.stats["kept"] += sum(lengths)
@@ -221,6 +233,13 @@ def load_controller(drafter_dir: str | Path, early_stop: dict, max_k: int,
 
         def drafting_pays(batch_size: int) -> bool:
             return cost.first_token_threshold(batch_size) < 1.0
+
+        def step_cost_ratio(batch_size: int, kept_fraction: float) -> float:
+            plain = float(cost.target_step_time(batch_size, 1))
+            verify = float(cost.target_step_time(batch_size, 2)) - plain
+            return (float(cost.draft_step_time(batch_size, 1)) + kept_fraction * max(verify, 0.0)) / plain
+
+        payoff = DraftingPayoff(step_cost_ratio) if early_stop.get("step_payoff", True) else None
     else:
         fixed = float(early_stop.get("threshold", DEFAULT_THRESHOLD))
 
@@ -229,6 +248,8 @@ def load_controller(drafter_dir: str | Path, early_stop: dict, max_k: int,
 
         def drafting_pays(batch_size: int) -> bool:
             return True
+
+        payoff = None
     calibration = OnlineAcceptCalibration() if early_stop.get("online_calibration", True) else None
     from vllm_specx.vllm_adapter.prom_metrics import specx_metrics
 
@@ -240,6 +261,7 @@ def load_controller(drafter_dir: str | Path, early_stop: dict, max_k: int,
     ctl = ChainStopController(DraftLengthPolicy(max_k, model), proj, threshold, calibration, drafting_pays,
                               specx_metrics(), int(tree.get("max_siblings", 0)))
     ctl.sibling_threshold_for_batch = sibling_threshold
+    ctl.payoff = payoff
     return ctl
 
 
