@@ -139,16 +139,16 @@ def test_controller_skips_steps_after_drafting_steps_that_did_not_pay(confidence
                               payoff=DraftingPayoff(lambda b, kept: 0.5, decay=0.0, explore_every=3))
     ids = ["a", "b"]
 
-    def drafting_step(top1):
+    def drafting_step(top1):  # the order of vllm_adapter's propose wrapper and the drafter's compute_logits
         ctl.feedback(ids, [1, 1])  # nothing accepted in the step verified now
-        if ctl.skip_step(2):
-            return ctl.finish()
         ctl.begin(armed=True)
+        ctl.skip_step(2)
         try:
             for _ in range(2):
+                ctl.before_head(2)  # a skipped step stops here, after the drafter's KV was written
                 ctl.observe(torch.randn(2, 8), _logits(top1))
-        except _AllStopped:
-            pass
+        except _AllStopped as stop:
+            assert stop.tokens.shape[1] > 0 or ctl._skipping
         return ctl.finish()
 
     assert drafting_step([0.95, 0.95]) == [2, 2]  # no evidence: drafts

@@ -109,6 +109,11 @@ class ChainStopController:
             self.metrics.skipped_steps.inc()
         return True
 
+    def before_head(self, batch_size: int, device=None) -> None:
+        """Called by the drafter before its LM head: ends a skipped step's drafting with no tokens."""
+        if self._skipping and self._armed and self._depth == 0:
+            raise _AllStopped(torch.empty((batch_size, 0), dtype=torch.long, device=device))
+
     def observe(self, normed_hidden: torch.Tensor, logits: torch.Tensor, logprobs: bool = False) -> None:
         """One draft step: normed_hidden [B, H], logits [B, V] (the token drafted is the argmax);
         logprobs=True: the row holds log-probs of a subset head that may sum to < 1 (not renormalised)."""
@@ -280,10 +285,11 @@ def _wrap_propose(orig):
         greedy_drafts = not self._enable_probabilistic_draft_probs or bool(sampling.all_greedy)
         ctl.begin(armed=greedy_drafts and self.num_speculative_tokens > 1)
         next_token_ids = kwargs.get("next_token_ids", args[3] if len(args) > 3 else None)  # [B]
-        if greedy_drafts and ctl.skip_step(next_token_ids.shape[0]):
-            # the drafter does not run: its KV cache misses this step's tokens, which can only lower
-            # later acceptance (the target verifies every draft), never change the output
-            return next_token_ids.new_empty((next_token_ids.shape[0], 0))
+        if greedy_drafts:
+            # A skipped step still runs the drafter's forward over the new tokens (its KV cache stays
+            # complete, so later drafting is as good as if nothing was skipped) and stops right before
+            # the LM head (`before_head`), which is most of a draft level's cost.
+            ctl.skip_step(next_token_ids.shape[0])
         try:
             return orig(self, num_speculative_tokens, *args, **kwargs)
         except _AllStopped as stop:

@@ -180,6 +180,8 @@ class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
         # vLLM's proposer calls this once per draft step, hidden_states [B, H] in batch order.
         # Subset modes return log-probs [B, V] (-inf outside the subset): argmax and softmax-sampling
         # of the row are exactly the drafter's proposal distribution.
+        if self.draft_length is not None:  # a skipped step ends here, after the drafter's KV was written
+            self.draft_length.before_head(hidden_states.shape[0], hidden_states.device)
         subset = self.vocab_head is not None and self.vocab_head.pays(hidden_states.shape[0])
         with draft_profile.timed("head", hidden_states.device):
             if subset:
