@@ -94,6 +94,7 @@ def run(args) -> int:
         "mean_acceptance_length": results["edd"]["mean_acceptance_length"],
         "tokens_per_target_pass": {n: results[n]["tokens_per_target_pass"] for n in results},
         "greedy_outputs_identical": diff is None,
+        "edd_steps_with_drafts": results["edd"]["num_drafts"], "edd_target_passes": results["edd"]["target_passes"],
     }
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -104,6 +105,10 @@ def run(args) -> int:
         print(f"  EDD drafter    : {summary['edd_tokens_per_s']:7.1f} tok/s, "
               f"{summary['tokens_per_target_pass']['edd']:.2f} tokens per target pass")
         print(f"  speed-up       : {summary['speedup']:.2f}x")
-        print(f"  mean acceptance length (vLLM: 1 + accepted/drafts): {summary['mean_acceptance_length']:.2f}")
+        mal = summary["mean_acceptance_length"]
+        print(f"  mean acceptance length (vLLM: 1 + accepted/drafts): " + ("n/a" if mal is None else f"{mal:.2f}"))
+        print(f"  target passes that verified drafts: {summary['edd_steps_with_drafts']} of "
+              f"{summary['edd_target_passes']} (the others drafted nothing: the cost model and what drafting "
+              "recently earned said it would not pay)")
         print(f"  greedy outputs identical: {diff is None}" + ("" if diff is None else f" ({diff})"))
     return 0 if diff is None else 1

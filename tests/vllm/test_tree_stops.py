@@ -59,6 +59,12 @@ def test_requests_stopping_inside_accepted_tree_paths(tiny_target, edd_tree_draf
             params.append(SamplingParams(temperature=0.0, max_tokens=32))
     plain, _ = _generate(tiny_target, None, prompts, params)
     _oracle_from(tiny_target, prompts, plain_32, monkeypatch)
+    from prometheus_client import REGISTRY
+
+    def exported(name):  # specx's Prometheus counters (the engine runs in this process)
+        return REGISTRY.get_sample_value(f"specx:tree_{name}_total") or 0.0
+
+    before_exported = {n: exported(n) for n in ("requests", "nodes_verified", "nodes_accepted")}
     before = dict(tree_step.STATS)
     spec = {"method": "eagle3", "model": edd_tree_drafter, "num_speculative_tokens": K}
     tree, metrics = _generate(tiny_target, spec, prompts, params)
@@ -70,6 +76,9 @@ def test_requests_stopping_inside_accepted_tree_paths(tiny_target, edd_tree_draf
     assert len(finished_early) >= 16 and any((n - 1) % 4 for n in finished_early)  # stops inside paths
     assert tree_step.STATS["nodes_accepted"] - before["nodes_accepted"] >= 2 * _counter(
         metrics, "vllm:spec_decode_num_drafts")
+    for name, key in (("requests", "tree_requests"), ("nodes_verified", "nodes_verified"),
+                      ("nodes_accepted", "nodes_accepted")):
+        assert exported(name) - before_exported[name] == tree_step.STATS[key] - before[key] > 0, name
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False])

@@ -160,9 +160,17 @@ def test_speculative_head_hands_large_batches_to_the_full_head(tiny_target, tiny
         return orig(self, hidden, lm_head_weight)
 
     monkeypatch.setattr(VocabSubsetHead, "forward", counting_forward)  # the engine runs in this process
+    from prometheus_client import REGISTRY
+
+    def rows(name):
+        return REGISTRY.get_sample_value(f"specx:vocab_{name}_rows_total") or 0.0
+
+    before = rows("subset"), rows("full")
     drafter = _drafter_with_vocab(tiny_edd_drafter, tmp_path, "speculative", num_candidates=64, max_batch=1)
     res = run_generate(tiny_target, PROMPTS, _spec(drafter), max_tokens=48, llm_kwargs={"max_num_seqs": 8})
     assert_same_tokens(tiny_plain_outputs["base"].token_ids, res.token_ids)
     # 8 requests in flight: the subset head ran only on steps with one row left, the full head on the rest
     assert rows_seen and set(rows_seen) == {1}, sorted(set(rows_seen))
     assert len(rows_seen) < K * res.metrics.num_drafts
+    # the same split on specx's Prometheus counters
+    assert rows("subset") - before[0] == len(rows_seen) and rows("full") - before[1] > 0

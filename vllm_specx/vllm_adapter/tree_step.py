@@ -39,6 +39,7 @@ import torch
 from vllm_specx.core.tree import node_depth
 from vllm_specx.core.tree_attention import tree_attention_paged
 from vllm_specx.core.tree_verify import greedy_accept, sample_accept
+from vllm_specx.vllm_adapter.prom_metrics import specx_metrics
 
 
 @dataclass
@@ -200,6 +201,7 @@ def _wrap_sample(orig):
         sampled = out.sampled_token_ids  # [B, max drafts + 1], -1 padded
         STATS["tree_steps"] += 1
         batch = self.input_batch
+        metrics = specx_metrics()
         for i, row in step.rows.items():
             n = row.parents.numel()
             start = cu[i] - n
@@ -212,6 +214,10 @@ def _wrap_sample(orig):
             STATS["tree_requests"] += 1
             STATS["nodes_verified"] += n - 1
             STATS["nodes_accepted"] += a - 1
+            if metrics is not None:
+                metrics.tree_requests.inc()
+                metrics.tree_nodes_verified.inc(n - 1)
+                metrics.tree_nodes_accepted.inc(a - 1)
         _move_path_kv(self.kv_caches, step)
         return out
 
