@@ -3,6 +3,8 @@
 # `vllm-specx serve`) with SmolLM2-135M-Instruct, without speculation and with the bundled EDD drafter
 # (early stop + this machine's cost model), streaming greedy chat requests at 1, 8, 32 and 64 in flight.
 set -euo pipefail
+# The committed run (session 5) had whole-step payoff skipping on (now opt-in, see README "Early stop")
+export SPECX_STEP_PAYOFF=${SPECX_STEP_PAYOFF:-1}
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
 $PY benchmarks/bench_serve_load.py --methods none \
