@@ -74,8 +74,15 @@ INTERNALS: tuple[Internal, ...] = (
              "positions are rewritten to root + depth (self.positions, self.query_start_loc.cpu)",
              params=("self", "scheduler_output", "num_scheduled_tokens"), runner="v1"),
     Internal("vllm.v1.worker.gpu_model_runner:GPUModelRunner._sample",
-             "PCT trees: tree requests' rows of sampled_token_ids are replaced by the greedy tree walk",
+             "PCT trees: tree requests' rows of sampled_token_ids are replaced by the tree walk (greedy, or "
+             "recursive rejection sampling at the request's temperature)",
              params=("self", "logits", "spec_decode_metadata"), runner="v1"),
+    Internal("vllm.v1.worker.gpu_input_batch:InputBatch",
+             "PCT trees for sampled requests read the runner's input_batch.temperature_cpu[i] (numpy, 0 for "
+             "greedy) and input_batch.generators (batch index -> the seeded request's torch.Generator); both "
+             "are instance attributes set in __init__, so a rename fails at the first sampled tree step "
+             "with an AttributeError naming them (tests/vllm/test_tree_stops.py runs that path)",
+             is_class=True, runner="v1"),
     Internal("vllm.v1.spec_decode.metadata:SpecDecodeMetadata",
              "PCT trees: logits rows per request from cu_num_sampled_tokens (n drafts + 1 rows each)",
              members=("__dataclass_fields__",), fields=("cu_num_sampled_tokens", "num_draft_tokens"), runner="v1"),
