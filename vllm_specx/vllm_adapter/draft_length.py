@@ -292,7 +292,7 @@ def _wrap_propose(orig):
         if greedy_drafts:
             # A skipped step still runs the drafter's forward over the new tokens (its KV cache stays
             # complete, so later drafting is as good as if nothing was skipped) and stops right before
-            # the LM head (`before_head`), which is most of a draft level's cost.
+            # the LM head (`before_head`): it saves the head and the deeper levels, not the forward.
             ctl.skip_step(next_token_ids.shape[0])
         try:
             return orig(self, num_speculative_tokens, *args, **kwargs)
