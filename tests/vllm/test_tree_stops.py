@@ -6,7 +6,7 @@ compared with a plain engine run on the same requests."""
 import pytest
 
 from tests.conftest import many_prompts
-from tests.vllm.test_tree_verify import K, _oracle, edd_tree_drafter  # noqa: F401 (fixture)
+from tests.vllm.test_tree_verify import K, edd_tree_drafter, install_oracle  # noqa: F401 (fixture)
 from vllm_specx.testing import assert_same_tokens, make_llm, shutdown
 
 
@@ -23,16 +23,6 @@ def _generate(target: str, spec: dict | None, prompts: list[str], params: list, 
 def _counter(metrics: dict, name: str) -> int:
     m = metrics.get(name)
     return int(m.value) if m is not None else 0
-
-
-def _oracle_from(tiny_target: str, prompts: list[str], plain_32: list[list[int]], monkeypatch) -> None:
-    from transformers import AutoTokenizer
-
-    from vllm_specx.vllm_adapter.draft_length import ChainStopController
-
-    tok = AutoTokenizer.from_pretrained(tiny_target)
-    by_prompt = {tuple(tok(p)["input_ids"]): out for p, out in zip(prompts, plain_32)}
-    monkeypatch.setattr(ChainStopController, "take_trees", _oracle(by_prompt, len(tok)))
 
 
 def test_requests_stopping_inside_accepted_tree_paths(tiny_target, edd_tree_drafter, tiny_plain_outputs, monkeypatch):
@@ -58,7 +48,7 @@ def test_requests_stopping_inside_accepted_tree_paths(tiny_target, edd_tree_draf
         else:
             params.append(SamplingParams(temperature=0.0, max_tokens=32))
     plain, _ = _generate(tiny_target, None, prompts, params)
-    _oracle_from(tiny_target, prompts, plain_32, monkeypatch)
+    install_oracle(monkeypatch, tiny_target, prompts, plain_32)
     from prometheus_client import REGISTRY
 
     def exported(name):  # specx's Prometheus counters (the engine runs in this process)
@@ -92,7 +82,7 @@ def test_trees_under_preemption_and_prefix_caching(tiny_target, edd_tree_drafter
     params = [SamplingParams(temperature=0.0, max_tokens=32) for _ in prompts]
     plain, _ = _generate(tiny_target, None, prompts, params)
     plain_ids = [list(o.outputs[0].token_ids) for o in plain]
-    _oracle_from(tiny_target, prompts, plain_ids, monkeypatch)
+    install_oracle(monkeypatch, tiny_target, prompts, plain_ids)
     spec = {"method": "eagle3", "model": edd_tree_drafter, "num_speculative_tokens": K}
     tree, metrics = _generate(tiny_target, spec, prompts, params, block_size=32, enable_prefix_caching=prefix_caching,
                               num_gpu_blocks_override=KV_BLOCKS_FOR_PREEMPTION)
@@ -149,7 +139,7 @@ def test_sampled_trees_keep_the_target_distribution(tiny_target, edd_tree_drafte
     from vllm_specx.vllm_adapter import tree_step
 
     prompt = many_prompts(1)[0]
-    _oracle_from(tiny_target, [prompt], tiny_plain_outputs["many"].token_ids[:1], monkeypatch)
+    install_oracle(monkeypatch, tiny_target, [prompt], tiny_plain_outputs["many"].token_ids[:1])
     plain = _sampled_positions(tiny_target, None, prompt)
     before = dict(tree_step.STATS)
     spec = {"method": "eagle3", "model": edd_tree_drafter, "num_speculative_tokens": K}

@@ -59,18 +59,24 @@ def _oracle(plain_by_prompt: dict, vocab: int):
     return take_trees
 
 
-def test_oracle_trees_accept_side_branches_and_stay_lossless(tiny_target, edd_tree_drafter, tiny_plain_outputs,
-                                                             monkeypatch):
+def install_oracle(monkeypatch, target: str, prompts: list[str], plain: list[list[int]]) -> None:
+    """Replace drafted trees by oracle trees built from each prompt's plain greedy output."""
     from transformers import AutoTokenizer
 
-    from vllm_specx.vllm_adapter import tree_step
     from vllm_specx.vllm_adapter.draft_length import ChainStopController
+
+    tok = AutoTokenizer.from_pretrained(target)
+    by_prompt = {tuple(tok(p)["input_ids"]): out for p, out in zip(prompts, plain)}
+    monkeypatch.setattr(ChainStopController, "take_trees", _oracle(by_prompt, len(tok)))
+
+
+def test_oracle_trees_accept_side_branches_and_stay_lossless(tiny_target, edd_tree_drafter, tiny_plain_outputs,
+                                                             monkeypatch):
+    from vllm_specx.vllm_adapter import tree_step
 
     prompts = many_prompts(64)
     plain = tiny_plain_outputs["many"].token_ids
-    tok = AutoTokenizer.from_pretrained(tiny_target)
-    by_prompt = {tuple(tok(p)["input_ids"]): out for p, out in zip(prompts, plain)}
-    monkeypatch.setattr(ChainStopController, "take_trees", _oracle(by_prompt, len(tok)))
+    install_oracle(monkeypatch, tiny_target, prompts, plain)
     before = dict(tree_step.STATS)
     spec = {"method": "eagle3", "model": edd_tree_drafter, "num_speculative_tokens": K}
     res = run_generate(tiny_target, prompts, spec, max_tokens=32)

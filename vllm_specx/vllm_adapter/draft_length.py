@@ -33,7 +33,7 @@ from vllm_specx.core.early_stop import (
     OnlineAcceptCalibration,
     draft_step_features,
     load_early_stop,
-    topk_and_entropy,
+    top_probs_and_entropy,
 )
 from vllm_specx.core.spec_vocab import summarise_logprobs
 
@@ -127,7 +127,9 @@ class ChainStopController:
             ids_ok = self.calibration is not None and self._req_ids is not None and len(self._req_ids) == b
             self._scale = self.calibration.scales(self._req_ids) if ids_ok else torch.ones(b)
             self._raw_path, self._expected = torch.ones(b), torch.zeros(b)
-        top, entropy = summarise_logprobs(logits, k=2) if logprobs else topk_and_entropy(logits.float(), k=2)
+        # log-probs of the proposal once per depth: a subset head already returns them (not renormalised)
+        logp = logits.float() if logprobs else torch.log_softmax(logits.float(), dim=-1)
+        top, entropy = summarise_logprobs(logp, k=2) if logprobs else top_probs_and_entropy(logp, k=2)
         top, entropy = top.cpu(), entropy.cpu()
         depth = torch.full((b,), self._depth)
         feats = draft_step_features(normed_hidden.float().cpu(), top, entropy, depth, self._path_conf,
@@ -138,8 +140,8 @@ class ChainStopController:
         self._expected += torch.where(keep, self._raw_path, torch.zeros(b))
         self._tokens.append(logits.argmax(-1))
         if self.max_siblings > 0:
-            probs = logits.float().exp() if logprobs else torch.softmax(logits.float(), dim=-1)
-            top_p, top_i = probs.topk(self.max_siblings + 1, dim=-1)
+            top_lp, top_i = logp.topk(self.max_siblings + 1, dim=-1)
+            top_p = top_lp.exp()
             path = self.policy.path_prob.clone()  # P(chain through this depth accepted), where kept
             self._sibs.append((top_i[:, 1:].cpu(), top_p[:, 1:].cpu(), path.cpu()))
         self._path_conf = self._path_conf * top[:, 0]
