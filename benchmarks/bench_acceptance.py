@@ -83,6 +83,7 @@ def _run_method(target: str, spec: dict | None, prompts: list[tuple[str, str]], 
     try:
         generate(llm, [prompts[0][1]], max_tokens=8)  # warm-up
         draft_profile.reset()
+        counters_before = specx_counters()
         for i in range(0, len(prompts), batch):
             chunk = prompts[i : i + batch]
             res = generate(llm, [t for _, t in chunk], max_tokens=max_tokens, ignore_eos=False)
@@ -100,9 +101,29 @@ def _run_method(target: str, spec: dict | None, prompts: list[tuple[str, str]], 
                 d.setdefault("accepted_per_pos", [0.0] * len(pp))
                 d["accepted_per_pos"] = [a + b * f for a, b in zip(d["accepted_per_pos"] or [0.0] * len(pp), pp)]
         profile = draft_profile.summary() if draft_profile.enabled() else None
+        counters = {k: v - counters_before.get(k, 0.0) for k, v in specx_counters().items()}
     finally:
         shutdown(llm)
-    return {c: summarize(dict(d)) for c, d in per_cat.items()}, profile  # plain dicts: picklable
+    return {c: summarize(dict(d)) for c, d in per_cat.items()}, profile, counters  # plain dicts: picklable
+
+
+def specx_counters() -> dict[str, float]:
+    """specx's Prometheus counters in this process (the engine runs in-process here): tree requests,
+    nodes verified and accepted, draft steps, ... (see vllm_adapter/prom_metrics.py)."""
+    from prometheus_client import REGISTRY
+
+    return {s.name: s.value for metric in REGISTRY.collect() if metric.name.startswith("specx:")
+            for s in metric.samples if s.name.endswith("_total")}
+
+
+def tree_summary(counters: dict[str, float]) -> dict | None:
+    """Per tree-verified request step: nodes verified and accepted (None when no step used a tree)."""
+    trees = counters.get("specx:tree_requests_total", 0.0)
+    if not trees:
+        return None
+    return {"tree_request_steps": trees,
+            "nodes_verified_per_tree": counters.get("specx:tree_nodes_verified_total", 0.0) / trees,
+            "nodes_accepted_per_tree": counters.get("specx:tree_nodes_accepted_total", 0.0) / trees}
 
 
 def summarize(d: dict) -> dict:
@@ -121,6 +142,8 @@ def summarize(d: dict) -> dict:
     wasted = d.get("draft_tokens", 0) - d.get("accepted", 0)
     out["wasted_draft_tokens_per_pass"] = wasted / req_passes if req_passes > 0 else None
     out["draft_tokens_per_pass"] = d.get("draft_tokens", 0) / req_passes if req_passes > 0 else None
+    # verified draft tokens (tree nodes for trees) per request step that drafted
+    out["draft_tokens_per_draft"] = d.get("draft_tokens", 0) / drafts if drafts else None
     return out
 
 
@@ -224,11 +247,12 @@ def main() -> None:
     result["methods"], result["speculative_configs"] = list(specs), specs
     for batch in args.batch_sizes:
         for m, spec in specs.items():
-            per_cat, profile = run_method(target, spec, prompts, batch, args.max_tokens)
+            per_cat, profile, counters = run_method(target, spec, prompts, batch, args.max_tokens)
             sets = sorted({c.split("/")[0] for c in per_cat})
             result["runs"][f"{m}@{batch}"] = {
                 "per_category": per_cat, "overall": overall(per_cat),
-                "per_set": {s: overall({c: v for c, v in per_cat.items() if c.split("/")[0] == s}) for s in sets}}
+                "per_set": {s: overall({c: v for c, v in per_cat.items() if c.split("/")[0] == s}) for s in sets},
+                "specx_counters": counters, "trees": tree_summary(counters)}
             if profile is not None:  # SPECX_PROFILE_DRAFT=1: drafting time per step (see draft_profile.py)
                 result["runs"][f"{m}@{batch}"]["draft_profile"] = profile
             _write(result, args.tag)  # partial results survive an interrupted run
