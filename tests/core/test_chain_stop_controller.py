@@ -38,6 +38,29 @@ def test_requests_stop_at_their_own_depth_and_the_loop_ends_when_all_stop(confid
     assert ctl.finish() is None  # consumed: a step without drafting never reuses old lengths
 
 
+@pytest.mark.parametrize("sibling_threshold, expect_tree", [(0.05, True), (0.5, False)])
+def test_siblings_are_collected_only_when_a_threshold_lets_one_pay(confidence_model, sibling_threshold,
+                                                                  expect_tree):
+    """Runner-up gain = path_prob * q <= 1/2: at a node threshold >= 1/2 trees cannot grow, so the controller
+    skips their bookkeeping; below it, the same step yields a tree with a sibling at depth 0."""
+    ctl = ChainStopController(DraftLengthPolicy(2, confidence_model), None, lambda b: 0.3, max_siblings=2,
+                              sibling_threshold_for_batch=lambda b: sibling_threshold)
+    ctl.begin(armed=True)
+    probs = torch.full((1, 50), 0.1 / 48)
+    probs[0, 7], probs[0, 3] = 0.45, 0.45  # a near tie: the runner-up (id 3) is as likely as the top token
+    ctl.observe(torch.randn(1, 8), probs.log())
+    try:
+        ctl.observe(torch.randn(1, 8), probs.log())
+    except _AllStopped:
+        pass
+    ctl.finish()
+    trees = ctl._trees
+    if expect_tree:
+        assert trees is not None and 3 in trees[0][0]  # the runner-up is a node of the tree
+    else:
+        assert trees is None and ctl._sibs == []
+
+
 def test_unarmed_controller_changes_nothing(confidence_model):
     ctl = ChainStopController(DraftLengthPolicy(4, confidence_model), None, lambda b: 0.3)
     ctl.begin(armed=False)  # e.g. probabilistic drafts: fixed K

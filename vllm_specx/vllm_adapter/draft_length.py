@@ -95,7 +95,7 @@ class ChainStopController:
 
     def begin(self, armed: bool) -> None:
         self._armed, self._depth, self._tokens, self._lengths, self._path_conf = armed, 0, [], None, None
-        self._sibs, self._trees = [], None
+        self._sibs, self._trees, self._collect_siblings = [], None, False
 
     def skip_step(self, batch_size: int) -> bool:
         """True when drafting does not pay at this batch size (cost model, and what drafting steps at
@@ -127,6 +127,10 @@ class ChainStopController:
             ids_ok = self.calibration is not None and self._req_ids is not None and len(self._req_ids) == b
             self._scale = self.calibration.scales(self._req_ids) if ids_ok else torch.ones(b)
             self._raw_path, self._expected = torch.ones(b), torch.zeros(b)
+            # A runner-up's gain is path_prob * q with q <= 1/2 (it is not the top token): at a node
+            # threshold >= 1/2 no sibling can be kept, so skip their top-k and the tree (exact).
+            thr = (self.sibling_threshold_for_batch or self.threshold_for_batch)(b)
+            self._collect_siblings = self.max_siblings > 0 and float(thr) < 0.5
         # log-probs of the proposal once per depth: a subset head already returns them (not renormalised)
         logp = logits.float() if logprobs else torch.log_softmax(logits.float(), dim=-1)
         top, entropy = summarise_logprobs(logp, k=2) if logprobs else top_probs_and_entropy(logp, k=2)
@@ -139,7 +143,7 @@ class ChainStopController:
         self._raw_path = torch.where(keep, self._raw_path * raw, self._raw_path)
         self._expected += torch.where(keep, self._raw_path, torch.zeros(b))
         self._tokens.append(logits.argmax(-1))
-        if self.max_siblings > 0:
+        if self._collect_siblings:
             top_lp, top_i = logp.topk(self.max_siblings + 1, dim=-1)
             top_p = top_lp.exp()
             path = self.policy.path_prob.clone()  # P(chain through this depth accepted), where kept
