@@ -44,7 +44,7 @@ def main() -> None:
     from vllm_specx.testing import make_llm, read_spec_metrics, shutdown
     from vllm_specx.training import data as D
     from vllm_specx.training import fit as F
-    from vllm_specx.training.export import load_edd
+    from vllm_specx.training.export import load_edd, target_embedding_and_head
 
     specx = load_specx_config(args.drafter)
     train_cfg = specx.training["report"]["train"]["config"]
@@ -57,8 +57,7 @@ def main() -> None:
 
     target = str(smollm2_path())
     with safe_open(str(Path(target) / "model.safetensors"), "pt") as f:
-        embed = f.get_tensor("model.embed_tokens.weight").float()
-        lm_head = f.get_tensor("lm_head.weight").float() if "lm_head.weight" in f.keys() else embed
+        embed, lm_head = target_embedding_and_head(f.get_tensor, f.keys())
     drafter, _ = load_edd(args.drafter, embed, lm_head)
     offline = F.evaluate_drafter(drafter, cut, depth=1)
 

@@ -119,9 +119,10 @@ def run(args) -> int:
     if {"fit", "export", "early-stop", "vocab"} & set(stages):
         from safetensors import safe_open
 
+        from vllm_specx.training.export import target_embedding_and_head
+
         with safe_open(str(Path(target) / "model.safetensors"), "pt") as f:
-            embed = f.get_tensor("model.embed_tokens.weight").float()
-            lm_head = f.get_tensor("lm_head.weight").float() if "lm_head.weight" in f.keys() else embed
+            embed, lm_head = target_embedding_and_head(f.get_tensor, f.keys())
             init = F.target_init_tensors(f.get_tensor, target_cfg.num_hidden_layers)
         layers = [arch.target_layer_id] if args.drafter == "edd" else aux_ids
         records = D.load_records(sorted((work / "records").glob("shard_*.safetensors")), layers)

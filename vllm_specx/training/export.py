@@ -51,6 +51,13 @@ def export_edd(
     return out
 
 
+def target_embedding_and_head(get_tensor, names) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embedding, LM head) of an HF target as fp32, from its safetensors reader (`get_tensor`, `names`);
+    a tied target has no `lm_head.weight` and gets the embedding back as its head."""
+    embed = get_tensor("model.embed_tokens.weight").float()
+    return embed, get_tensor("lm_head.weight").float() if "lm_head.weight" in names else embed
+
+
 def load_edd(folder: str | Path, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor) -> tuple[EddDrafter, SpecxConfig]:
     """Load an exported EDD drafter for training/evaluation in plain PyTorch."""
     specx = load_specx_config(folder)
