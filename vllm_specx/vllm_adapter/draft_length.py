@@ -95,7 +95,7 @@ class ChainStopController:
 
     def begin(self, armed: bool) -> None:
         self._armed, self._depth, self._tokens, self._lengths, self._path_conf = armed, 0, [], None, None
-        self._sibs, self._trees, self._collect_siblings = [], None, False
+        self._sibs, self._trees, self._sibling_threshold = [], None, None
 
     def skip_step(self, batch_size: int) -> bool:
         """True when drafting does not pay at this batch size (cost model, and what drafting steps at
@@ -129,8 +129,9 @@ class ChainStopController:
             self._raw_path, self._expected = torch.ones(b), torch.zeros(b)
             # A runner-up's gain is path_prob * q with q <= 1/2 (it is not the top token): at a node
             # threshold >= 1/2 no sibling can be kept, so skip their top-k and the tree (exact).
-            thr = (self.sibling_threshold_for_batch or self.threshold_for_batch)(b)
-            self._collect_siblings = self.max_siblings > 0 and float(thr) < 0.5
+            # The step's sibling threshold, or None when no sibling can be kept (also used by _build_trees).
+            thr = float((self.sibling_threshold_for_batch or self.threshold_for_batch)(b))
+            self._sibling_threshold = thr if self.max_siblings > 0 and thr < 0.5 else None
         # log-probs of the proposal once per depth: a subset head already returns them (not renormalised)
         logp = logits.float() if logprobs else torch.log_softmax(logits.float(), dim=-1)
         top, entropy = summarise_logprobs(logp, k=2) if logprobs else top_probs_and_entropy(logp, k=2)
@@ -143,7 +144,7 @@ class ChainStopController:
         self._raw_path = torch.where(keep, self._raw_path * raw, self._raw_path)
         self._expected += torch.where(keep, self._raw_path, torch.zeros(b))
         self._tokens.append(logits.argmax(-1))
-        if self._collect_siblings:
+        if self._sibling_threshold is not None:
             top_lp, top_i = logp.topk(self.max_siblings + 1, dim=-1)
             top_p = top_lp.exp()
             path = self.policy.path_prob.clone()  # P(chain through this depth accepted), where kept
@@ -188,8 +189,8 @@ class ChainStopController:
         sib_ids = torch.stack([s[0] for s in self._sibs], dim=1)        # [B, D, m]
         sib_probs = torch.stack([s[1] for s in self._sibs], dim=1)
         chain_path = torch.stack([s[2] for s in self._sibs], dim=1)     # [B, D]
-        thr = (self.sibling_threshold_for_batch or self.threshold_for_batch)(b)
-        tree = chain_with_siblings(chain_ids, torch.tensor(lengths), chain_path, sib_ids, sib_probs, thr,
+        tree = chain_with_siblings(chain_ids, torch.tensor(lengths), chain_path, sib_ids, sib_probs,
+                                   self._sibling_threshold,
                                    node_budget=self.policy.max_k)
         out = []
         for r in range(b):
@@ -252,7 +253,8 @@ def load_controller(drafter_dir: str | Path, early_stop: dict, max_k: int,
             return (float(cost.draft_step_time(batch_size, 1)) + kept_fraction * max(verify, 0.0)) / plain
 
         # Off by default: a skipped step still runs the drafter's forward and vLLM's proposer, so it saves
-        # less than `step_cost_ratio` says (batch 1, bundled drafter: 0.84x with it vs 0.96x without, results/step_payoff_smollm2_cpu_b1.json).
+        # less than `step_cost_ratio` says (batch 1, the 210-step bundled drafter: 0.84x with it vs 0.96x
+        # without, results/step_payoff_smollm2_cpu_b1.json).
         env = os.environ.get("SPECX_STEP_PAYOFF")
         on = early_stop.get("step_payoff", False) if env is None else env == "1"
         payoff = DraftingPayoff(step_cost_ratio) if on else None
