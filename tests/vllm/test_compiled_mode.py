@@ -10,7 +10,7 @@ ran: their chain tokens are always wrong, so only side branches can be accepted.
 import pytest
 
 from tests.conftest import many_prompts
-from tests.vllm.test_tree_verify import K, edd_tree_drafter, install_oracle  # noqa: F401 (fixture)
+from tests.vllm.trees import K, install_oracle
 from vllm_specx.testing import assert_same_tokens, run_generate
 
 COMPILED = {"enforce_eager": False}

@@ -6,7 +6,7 @@ compared with a plain engine run on the same requests."""
 import pytest
 
 from tests.conftest import many_prompts
-from tests.vllm.test_tree_verify import K, edd_tree_drafter, install_oracle  # noqa: F401 (fixture)
+from tests.vllm.trees import K, install_oracle
 from vllm_specx.testing import assert_same_tokens, make_llm, shutdown
 
 

@@ -7,68 +7,12 @@ the KV move of the accepted path and the permuted proposer inputs are all right;
 prove the side branches were taken.
 """
 
-import shutil
-
 import pytest
 import torch
 
 from tests.conftest import many_prompts
+from tests.vllm.trees import K, install_oracle
 from vllm_specx.testing import assert_same_tokens, run_generate
-
-K = 5
-
-
-@pytest.fixture(scope="module")
-def edd_tree_drafter(tiny_edd_drafter, tmp_path_factory):
-    """Random tiny EDD drafter + a decision model that keeps one chain token (depth 0) + trees on with
-    sibling threshold 0: every drafted tree is the chain token, 2 runner-ups at depth 0 and 2 under it."""
-    import json
-
-    from vllm_specx.core.early_stop import FEATURE_NAMES, train_early_stop
-    from vllm_specx.training.early_stop_data import attach_early_stop
-
-    g = torch.Generator().manual_seed(0)
-    feats = torch.rand(3000, len(FEATURE_NAMES), generator=g) * torch.tensor([1.0, 1.0, 1.0, 12.0, 1.0, -30.0])
-    feats[:, 4] = torch.randint(0, K, (3000,), generator=g).float()
-    model, _ = train_early_stop(feats, (feats[:, 4] == 0).float(), kind="mlp", epochs=20, seed=0)
-    folder = tmp_path_factory.mktemp("edd_tree") / "drafter"
-    shutil.copytree(tiny_edd_drafter, folder)
-    attach_early_stop(folder, model, {}, threshold=0.5)
-    cfg = json.loads((folder / "specx_config.json").read_text())
-    cfg["tree"] = {"enabled": True, "max_siblings": 2, "threshold": 0.0}
-    cfg["early_stop"]["online_calibration"] = False  # keep drafting: the random drafter is always rejected
-    (folder / "specx_config.json").write_text(json.dumps(cfg))
-    return str(folder)
-
-
-def _oracle(plain_by_prompt: dict, vocab: int):
-    def take_trees(ctl, runner, req_ids):
-        ctl._trees = None
-        trees = []
-        for rid in req_ids:
-            req = runner.requests[rid]
-            ref = plain_by_prompt[tuple(req.prompt_token_ids)]
-            nxt = ref[len(req.output_token_ids):][:3]
-            if len(nxt) < 3:
-                trees.append(([], []))
-                continue
-            c1, c2, c3 = nxt
-            trees.append(([(c1 + 1) % vocab, c1, (c2 + 1) % vocab, c2, c3], [0, 0, 2, 2, 4]))
-        return trees
-
-    return take_trees
-
-
-def install_oracle(monkeypatch, target: str, prompts: list[str], plain: list[list[int]]) -> None:
-    """Replace drafted trees by oracle trees built from each prompt's plain greedy output."""
-    from transformers import AutoTokenizer
-
-    from vllm_specx.vllm_adapter.draft_length import ChainStopController
-
-    tok = AutoTokenizer.from_pretrained(target)
-    by_prompt = {tuple(tok(p)["input_ids"]): out for p, out in zip(prompts, plain)}
-    monkeypatch.setattr(ChainStopController, "take_trees", _oracle(by_prompt, len(tok)))
-
 
 def test_oracle_trees_accept_side_branches_and_stay_lossless(tiny_target, edd_tree_drafter, tiny_plain_outputs,
                                                              monkeypatch):

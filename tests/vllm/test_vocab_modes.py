@@ -117,9 +117,6 @@ def test_subset_head_refuses_tensor_parallel():
         build_vocab_head("/nonexistent", specx, "fixed", 100, 8, torch.device("cpu"), tensor_parallel_size=2)
 
 
-from tests.vllm.test_tree_verify import edd_tree_drafter  # noqa: E402,F401  (fixture: decision model + trees on)
-
-
 def test_drafted_trees_with_a_speculative_vocabulary_are_lossless(tiny_target, edd_tree_drafter, tiny_plain_outputs,
                                                                    tmp_path):
     """PCT trees read their runner-up children from the subset head's top-k log-probs."""
