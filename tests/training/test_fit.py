@@ -144,3 +144,16 @@ def test_early_stop_examples_condition_on_an_accepted_prefix(tmp_path):
     assert {d: int((depth == d).sum()) for d in range(k)} == expected
     assert int(labels.sum()) == positives
     assert 0 < positives < labels.numel()  # both classes present: a real test of the prefix rule
+
+
+def test_each_record_source_keeps_its_own_split():
+    """Fine-tuning on old + new records (--extra-records) validates on the old run's held-out records."""
+    old, new = _records(n=30, seed=0), _records(n=20, seed=5)
+    cfg = _cfg()
+    train, val, val_parts = F.split_record_sources([old], cfg)
+    ids = lambda recs: [id(r) for r in recs]  # noqa: E731
+    ref_train, ref_val = F.split_records(old, cfg)
+    assert ids(train) == ids(ref_train) and ids(val) == ids(ref_val) and ids(val_parts[0]) == ids(val)
+    train2, val2, (val_old, val_new) = F.split_record_sources([old, new], cfg)
+    assert ids(val_old) == ids(val) and ids(val_new) == ids(F.split_records(new, cfg)[1])
+    assert set(ids(train2)) | set(ids(val2)) == set(ids(old + new)) and not set(ids(train2)) & set(ids(val2))

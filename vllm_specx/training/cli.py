@@ -32,6 +32,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--generate", type=int, default=64, help="prompts answered by the target via vLLM")
     parser.add_argument("--num-alpaca", type=int, default=999)
     parser.add_argument("--num-code", type=int, default=300)
+    parser.add_argument("--num-docs", type=int, default=0,
+                        help="document-task prompts (summaries, answers from passages, translations, word "
+                             "problems; see training/doc_tasks.py)")
+    parser.add_argument("--extra-records", nargs="*", default=None,
+                        help="record folders of earlier runs to train on as well; each is split into train / "
+                             "validation exactly as in its own run, so with --init-from held-out stays held out")
+    parser.add_argument("--init-from", default=None,
+                        help="fit: start from this exported EDD drafter's weights (fine-tuning on new records)")
     parser.add_argument("--max-seq-len", type=int, default=384)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--topk", type=int, default=16)
@@ -72,6 +80,8 @@ def run(args) -> int:
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise SystemExit(f"unknown stage(s) {bad}; choose from {STAGES}")
+    if args.init_from and args.drafter != "edd":
+        raise SystemExit("--init-from starts an EDD drafter from an exported one: use it with --drafter edd")
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     if args.target == "smollm2":
@@ -93,16 +103,24 @@ def run(args) -> int:
     if "data" in stages:
         alpaca = D.alpaca_pairs(work)[: args.num_alpaca]
         code = D.stdlib_code_pairs(args.num_code, args.seed)
+        docs = []
+        if args.num_docs:
+            from vllm_specx.training.doc_tasks import doc_task_prompts
+
+            rows = json.loads((work / "alpaca_en_demo.json").read_text())
+            docs = [(p, "") for p in doc_task_prompts(rows, work, args.num_docs, args.seed)]  # generated only
         from vllm_specx.eval_sets import eval_texts
 
-        kept = set(D.drop_eval_overlap([p for p, _ in alpaca + code], eval_files, eval_texts()))
-        pairs = [pc for pc in alpaca + code if pc[0] in kept]
+        kept = set(D.drop_eval_overlap([p for p, _ in docs + alpaca + code], eval_files, eval_texts()))
+        pairs = [pc for pc in docs + alpaca + code if pc[0] in kept]
         gen_prompts = [p for p, _ in pairs[: args.generate]]
         D.generate_responses(target, gen_prompts, responses[0], args.max_new_tokens, args.max_seq_len + args.max_new_tokens)
         D.reference_responses(target, pairs[args.generate :], responses[1], args.max_seq_len)
         (work / "data_manifest.json").write_text(json.dumps({
             "generated": len(gen_prompts), "reference": len(pairs) - len(gen_prompts),
-            "sources": ["llamafactory alpaca_en_demo.json", "python stdlib functions"],
+            "sources": ["llamafactory alpaca_en_demo.json", "python stdlib functions"]
+            + (["document tasks: pydoc_data topics, stdlib docstrings, Alpaca outputs, Sphinx catalogues"]
+               if docs else []),
             "excluded_eval_files": [str(f) for f in eval_files],
             "excluded_eval_sets": ["spec_bench", "mt_bench", "humaneval"]}, indent=2))
     if "record" in stages:
@@ -125,17 +143,35 @@ def run(args) -> int:
             embed, lm_head = target_embedding_and_head(f.get_tensor, f.keys())
             init = F.target_init_tensors(f.get_tensor, target_cfg.num_hidden_layers)
         layers = [arch.target_layer_id] if args.drafter == "edd" else aux_ids
-        records = D.load_records(sorted((work / "records").glob("shard_*.safetensors")), layers)
         cfg = F.TrainConfig(epochs=args.epochs, lr=args.lr, batch_tokens=args.batch_tokens,
                             max_seq_len=args.max_seq_len, max_block=args.max_block, seed=args.seed)
-        train_recs, val_recs = F.split_records(records, cfg)
+        folders = [work / "records", *map(Path, args.extra_records or [])]
+        sources = []
+        for folder in folders:
+            shards = sorted(folder.glob("shard_*.safetensors"))
+            if not shards:
+                raise SystemExit(f"{folder} holds no record shards: run the record stage first")
+            sources.append(D.load_records(shards, layers))
+        train_recs, val_recs, val_parts = F.split_record_sources(sources, cfg)
+        val_by_source = dict(zip(map(str, folders), val_parts))
     if "fit" in stages or "export" in stages:
         if args.drafter == "edd":
             drafter = F.build_edd(arch, embed, lm_head, train_recs, args.seed, target_init=init)
+            if args.init_from:
+                from vllm_specx.training.export import load_edd
+
+                start, _ = load_edd(args.init_from, embed, lm_head)
+                if start.cfg != arch:
+                    raise SystemExit(f"--init-from {args.init_from} has architecture {start.cfg}, this target "
+                                     f"needs {arch}: train from scratch (drop --init-from)")
+                drafter.load_state_dict(start.state_dict())
         else:
             drafter = F.build_eagle3(eagle3_arch_for_target(target_cfg, aux_ids), embed, lm_head, train_recs,
                                      args.seed, target_init=init)
         report = F.train_drafter(drafter, train_recs, val_recs, cfg, work, args.drafter)
+        if len(val_by_source) > 1:
+            report["held_out_by_records"] = {
+                folder: F.evaluate_drafter(drafter, part, depth=cfg.max_block) for folder, part in val_by_source.items()}
         print(json.dumps({k: v for k, v in report.items() if k != "train"}, indent=2))
         export = export_edd if args.drafter == "edd" else export_eagle3
         training = {"report": report, "command": "vllm-specx train " + " ".join(_argv(args))}

@@ -136,6 +136,13 @@ def split_records(records: list[dict], cfg: TrainConfig) -> tuple[list[dict], li
     return [records[i] for i in idx[n_val:]], [records[i] for i in idx[:n_val]]
 
 
+def split_record_sources(sources: list[list[dict]], cfg: TrainConfig) -> tuple[list[dict], list[dict], list[list[dict]]]:
+    """(train, validation, validation per source): each source split by `split_records` on its own, so a
+    drafter fine-tuned on old + new records is validated on exactly the old run's held-out records."""
+    splits = [split_records(records, cfg) for records in sources]
+    return [r for t, _ in splits for r in t], [r for _, v in splits for r in v], [v for _, v in splits]
+
+
 def build_edd(arch: EddArchConfig, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor,
               train_recs: list[dict], seed: int, target_init: dict[str, torch.Tensor] | None = None) -> EddDrafter:
     """target_init: drafter tensor name -> target tensor to start from (see `target_init_tensors`)."""
