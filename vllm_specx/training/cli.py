@@ -107,8 +107,7 @@ def run(args) -> int:
         if args.num_docs:
             from vllm_specx.training.doc_tasks import doc_task_prompts
 
-            rows = json.loads((work / "alpaca_en_demo.json").read_text())
-            docs = [(p, "") for p in doc_task_prompts(rows, work, args.num_docs, args.seed)]  # generated only
+            docs = [(p, "") for p in doc_task_prompts(D.alpaca_rows(work), work, args.num_docs, args.seed)]
         from vllm_specx.eval_sets import eval_texts
 
         kept = set(D.drop_eval_overlap([p for p, _ in docs + alpaca + code], eval_files, eval_texts()))
@@ -156,15 +155,15 @@ def run(args) -> int:
         val_by_source = dict(zip(map(str, folders), val_parts))
     if "fit" in stages or "export" in stages:
         if args.drafter == "edd":
-            drafter = F.build_edd(arch, embed, lm_head, train_recs, args.seed, target_init=init)
-            if args.init_from:
+            if args.init_from:  # fine-tune: every weight comes from the exported drafter
                 from vllm_specx.training.export import load_edd
 
-                start, _ = load_edd(args.init_from, embed, lm_head)
-                if start.cfg != arch:
-                    raise SystemExit(f"--init-from {args.init_from} has architecture {start.cfg}, this target "
+                drafter, _ = load_edd(args.init_from, embed, lm_head)
+                if drafter.cfg != arch:
+                    raise SystemExit(f"--init-from {args.init_from} has architecture {drafter.cfg}, this target "
                                      f"needs {arch}: train from scratch (drop --init-from)")
-                drafter.load_state_dict(start.state_dict())
+            else:
+                drafter = F.build_edd(arch, embed, lm_head, train_recs, args.seed, target_init=init)
         else:
             drafter = F.build_eagle3(eagle3_arch_for_target(target_cfg, aux_ids), embed, lm_head, train_recs,
                                      args.seed, target_init=init)

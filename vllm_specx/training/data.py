@@ -36,22 +36,27 @@ ALPACA_MEMBER = "data/alpaca_en_demo.json"
 # ---------------------------------------------------------------- prompts
 
 
-def alpaca_prompts(cache: Path) -> list[str]:
-    """Alpaca instructions (+ input) from the llamafactory sdist (downloaded once, cached)."""
+def pip_download(requirement: str, dest: str | Path, binary: bool) -> Path:
+    """Fetch one distribution of `requirement` (a wheel if `binary`, else the sdist) into `dest`, no deps."""
+    fmt = ["--only-binary", ":all:"] if binary else ["--no-binary", ":all:"]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *fmt, "-d", str(dest), requirement]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    name = requirement.split("=")[0].strip().lower()
+    found = sorted(Path(dest).glob(f"{name}-*" + (".whl" if binary else ".tar.gz")))
+    if proc.returncode != 0 or not found:
+        raise RuntimeError(f"could not fetch {requirement}: {proc.stderr[-300:]}")
+    return found[0]
+
+
+def alpaca_rows(cache: Path) -> list[dict]:
+    """Alpaca rows (instruction, input, output) from the llamafactory sdist (downloaded once, cached)."""
     out = cache / "alpaca_en_demo.json"
     if not out.exists():
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", tmp,
-                   LLAMAFACTORY_SDIST]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            sdists = list(Path(tmp).glob("llamafactory-*.tar.gz"))
-            if proc.returncode != 0 or not sdists:
-                raise RuntimeError(f"could not fetch {LLAMAFACTORY_SDIST} for Alpaca prompts: {proc.stderr[-300:]}")
-            with tarfile.open(sdists[0]) as tf:
+            with tarfile.open(pip_download(LLAMAFACTORY_SDIST, tmp, binary=False)) as tf:
                 member = next(m for m in tf.getmembers() if m.name.endswith(ALPACA_MEMBER))
                 out.write_bytes(tf.extractfile(member).read())
-    rows = json.loads(out.read_text())
-    return [(r["instruction"] + ("\n\n" + r["input"] if r.get("input") else "")).strip() for r in rows]
+    return json.loads(out.read_text())
 
 
 def drop_eval_overlap(prompts: list[str], eval_files: list[Path], extra_texts: list[str] = ()) -> list[str]:
@@ -94,8 +99,7 @@ def stdlib_code_pairs(limit: int, seed: int = 0) -> list[tuple[str, str]]:
 
 
 def alpaca_pairs(cache: Path) -> list[tuple[str, str]]:
-    alpaca_prompts(cache)  # ensures the file is cached
-    rows = json.loads((cache / "alpaca_en_demo.json").read_text())
+    rows = alpaca_rows(cache)
     return [((r["instruction"] + ("\n\n" + r["input"] if r.get("input") else "")).strip(), r["output"]) for r in rows]
 
 

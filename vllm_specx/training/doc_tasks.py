@@ -20,8 +20,6 @@ import ast
 import json
 import random
 import re
-import subprocess
-import sys
 import sysconfig
 import tempfile
 import zipfile
@@ -81,14 +79,12 @@ def foreign_sentences(cache: Path, min_words: int = 4) -> dict[str, list[str]]:
     """language name -> translated Sphinx messages (placeholders and markup dropped)."""
     out = cache / "sphinx_messages.json"
     if not out.exists():
+        from vllm_specx.training.data import pip_download
+
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", tmp, SPHINX_WHEEL]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            wheels = list(Path(tmp).glob("sphinx-*.whl"))
-            if proc.returncode != 0 or not wheels:
-                raise RuntimeError(f"could not fetch {SPHINX_WHEEL} for translation prompts: {proc.stderr[-300:]}")
+            wheel = pip_download(SPHINX_WHEEL, tmp, binary=True)
             messages = {}
-            with zipfile.ZipFile(wheels[0]) as zf:
+            with zipfile.ZipFile(wheel) as zf:
                 for code, language in TRANSLATE_FROM.items():
                     po = zf.read(f"sphinx/locale/{code}/LC_MESSAGES/sphinx.po").decode("utf-8")
                     found = []

@@ -127,9 +127,9 @@ class ChainStopController:
             ids_ok = self.calibration is not None and self._req_ids is not None and len(self._req_ids) == b
             self._scale = self.calibration.scales(self._req_ids) if ids_ok else torch.ones(b)
             self._raw_path, self._expected = torch.ones(b), torch.zeros(b)
-            # A runner-up's gain is path_prob * q with q <= 1/2 (it is not the top token): at a node
-            # threshold >= 1/2 no sibling can be kept, so skip their top-k and the tree (exact).
-            # The step's sibling threshold, or None when no sibling can be kept (also used by _build_trees).
+            # The step's sibling threshold (also used by _build_trees), or None when no sibling can be
+            # kept: a runner-up's gain is path_prob * q with q <= 1/2 (it is not the top token), so at a
+            # node threshold >= 1/2 their top-k and the tree are skipped (exact).
             thr = float((self.sibling_threshold_for_batch or self.threshold_for_batch)(b))
             self._sibling_threshold = thr if self.max_siblings > 0 and thr < 0.5 else None
         # log-probs of the proposal once per depth: a subset head already returns them (not renormalised)
