@@ -1,0 +1,151 @@
+"""What a target step costs with specx loaded, when it drafts nothing and as shipped, against plain decoding.
+
+Batch 1, same prompts, every run in a fresh spawned process, modes interleaved and repeated (`--reps`) so
+that drift between processes on a shared machine shows up as spread instead of as a difference:
+  none       no speculation
+  no_draft   the bundled drafter with every node threshold forced to 2 (SPECX_NODE_THRESHOLD=2): no
+             draft token is ever proposed, so tokens per pass is 1 and the wall-time difference to
+             `none` is the fixed cost specx adds to every step (drafter forward over the new token,
+             its depth-0 LM head, which the early-stop decision reads, and vLLM's spec-decode bookkeeping)
+  shipped    the drafter as shipped (early stop, up to --k tokens)
+SPECX_PROFILE_DRAFT=1 times vLLM's proposer per step in the speculative runs. Writes
+benchmarks/results/step_overhead_<tag>.{json,png}.
+
+  python benchmarks/bench_step_overhead.py --per-category 2 --reps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_acceptance import RESULTS, machine  # noqa: E402
+
+MODES = {"none": None, "no_draft": {"SPECX_NODE_THRESHOLD": "2"}, "shipped": {}}
+
+
+def run_mode(prompts: list[str], drafter: str | None, k: int, max_tokens: int) -> dict:
+    """In a spawned process: one engine, batch 1 over the prompts (after one warm-up request)."""
+    from vllm_specx.models import smollm2_path
+    from vllm_specx.testing import generate, make_llm, shutdown
+    from vllm_specx.vllm_adapter import draft_profile
+
+    spec = None if drafter is None else {"method": "eagle3", "model": drafter, "num_speculative_tokens": k}
+    llm = make_llm(str(smollm2_path()), spec, dtype="float32", max_model_len=2048)
+    try:
+        generate(llm, prompts[:1], max_tokens=8)
+        draft_profile.reset()
+        runs = [generate(llm, [p], max_tokens=max_tokens) for p in prompts]
+        prof = draft_profile.summary() if draft_profile.enabled() else None
+    finally:
+        shutdown(llm)
+    wall = sum(r.wall_s for r in runs)
+    tokens = sum(r.num_output_tokens for r in runs)
+    passes = sum(r.metrics.num_engine_steps for r in runs)
+    return {"wall_s": wall, "output_tokens": tokens, "target_passes": passes, "tokens_per_s": tokens / wall,
+            "ms_per_target_pass": 1e3 * wall / passes, "tokens_per_target_pass": tokens / passes,
+            "drafts": sum(r.metrics.num_drafts for r in runs),
+            "propose_ms_per_pass": (1e3 * prof["propose_s"] / passes) if prof and prof["propose_calls"] else None}
+
+
+def main() -> None:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--drafter", default=str(Path(__file__).resolve().parents[1] / "vllm_specx/assets/edd-smollm2-135m"))
+    ap.add_argument("--per-category", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--tag", default="smollm2_cpu")
+    args = ap.parse_args()
+
+    import multiprocessing
+
+    from transformers import AutoTokenizer
+    from tqdm import tqdm
+
+    from vllm_specx.eval_sets import load_prompt_set
+    from vllm_specx.models import smollm2_path
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_path()))
+    prompts = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
+               for _, t in load_prompt_set("spec_bench", per_category=args.per_category)]
+    result = {"what": "cost of a target step with specx loaded (batch 1): none / no_draft / shipped, interleaved",
+              "target": "SmolLM2-135M-Instruct", "drafter": args.drafter, "k": args.k, "prompts": len(prompts),
+              "prompt_set": f"spec_bench, {args.per_category} per category", "max_tokens": args.max_tokens,
+              "dtype": "float32", "eager": True, "machine": machine(),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "reps": []}
+    ctx = multiprocessing.get_context("spawn")
+    bar = tqdm(total=args.reps * len(MODES), desc="runs", unit="run")
+    for rep in range(args.reps):
+        row = {}
+        for mode, env in MODES.items():
+            saved = dict(os.environ)
+            os.environ["SPECX_PROFILE_DRAFT"] = "1"
+            os.environ.update(env or {})
+            try:
+                with ctx.Pool(1) as pool:  # a fresh process per run; it inherits this environment
+                    row[mode] = pool.apply(run_mode, (prompts, None if env is None else args.drafter, args.k,
+                                                      args.max_tokens))
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
+            bar.update(1)
+        result["reps"].append(row)
+    bar.close()
+    summary = {}
+    for mode in MODES:
+        ms = [r[mode]["ms_per_target_pass"] for r in result["reps"]]
+        ratio = [r[mode]["tokens_per_s"] / r["none"]["tokens_per_s"] for r in result["reps"]]
+        summary[mode] = {"ms_per_target_pass_median": statistics.median(ms), "ms_per_target_pass": ms,
+                         "speedup_vs_none_same_rep": ratio, "speedup_median": statistics.median(ratio),
+                         "tokens_per_target_pass": statistics.median(r[mode]["tokens_per_target_pass"] for r in result["reps"]),
+                         "propose_ms_per_pass": [r[mode]["propose_ms_per_pass"] for r in result["reps"]]}
+    result["summary"] = summary
+    out = RESULTS / f"step_overhead_{args.tag}.json"
+    out.write_text(json.dumps(result, indent=2))
+    plot(result, out.with_suffix(".png"))
+    for mode, s in summary.items():
+        prop = [p for p in s["propose_ms_per_pass"] if p is not None]
+        print(f"{mode:9s} {s['ms_per_target_pass_median']:6.1f} ms/pass (reps {', '.join(f'{x:.1f}' for x in s['ms_per_target_pass'])}), "
+              f"{s['tokens_per_target_pass']:.3f} tokens/pass, speed-up {s['speedup_median']:.2f}x"
+              + (f", proposer {statistics.median(prop):.1f} ms/pass" if prop else ""))
+    print(f"wrote {out}")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(result["summary"])
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    for i, m in enumerate(modes):
+        s = result["summary"][m]
+        ax[0].bar(i, s["ms_per_target_pass_median"], color="C%d" % i, alpha=0.6)
+        ax[0].scatter([i] * len(s["ms_per_target_pass"]), s["ms_per_target_pass"], color="k", s=12, zorder=3)
+        prop = [p for p in s["propose_ms_per_pass"] if p is not None]
+        if prop:
+            ax[0].bar(i, statistics.median(prop), color="k", alpha=0.3, width=0.4)
+        ax[1].scatter([i] * len(s["speedup_vs_none_same_rep"]), s["speedup_vs_none_same_rep"], color="C%d" % i)
+    ax[0].set_xticks(range(len(modes)), modes)
+    ax[0].set_ylabel("ms per target pass (dots: reps; grey: vLLM proposer)")
+    ax[1].axhline(1.0, color="grey", lw=0.8)
+    ax[1].set_xticks(range(len(modes)), modes)
+    ax[1].set_ylabel("tokens/s vs none, same rep")
+    fig.suptitle(f"{result['target']}, batch 1, {result['prompts']} Spec-Bench prompts, {result['machine']['host_cpu']} "
+                 f"({result['machine']['cores']} cores)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
