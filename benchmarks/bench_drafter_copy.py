@@ -32,15 +32,15 @@ from bench_acceptance import RESULTS, machine  # noqa: E402
 
 
 def copy_split(tokens: list[int], prompt_len: int, pred: torch.Tensor) -> list[tuple[bool, bool, bool]]:
-    """Per answer token: (drafter right, copyable, prompt lookup right). pred[q] predicts tokens[q + 2]."""
+    """Per answer token: (drafter right, copyable, prompt lookup right). pred[i] predicts tokens[prompt_len + i]."""
     last_after: dict[tuple[int, int], int] = {}  # bigram -> index of the token that followed it, last seen
     for t in range(2, prompt_len):
         last_after[(tokens[t - 2], tokens[t - 1])] = t
     out = []
-    for t in range(max(prompt_len, 2), len(tokens)):
+    for t in range(prompt_len, len(tokens)):
         key = (tokens[t - 2], tokens[t - 1])
         seen = last_after.get(key)
-        out.append((int(pred[t - 2]) == tokens[t], seen is not None, seen is not None and tokens[seen] == tokens[t]))
+        out.append((int(pred[t - prompt_len]) == tokens[t], seen is not None, seen is not None and tokens[seen] == tokens[t]))
         last_after[key] = t
     return out
 
@@ -82,10 +82,11 @@ def main() -> None:
     per_cat: dict[str, list[tuple[bool, bool, bool]]] = {}
     with torch.no_grad():
         for (cat, _), r in zip(pairs, records):
-            tokens = r["tokens"][None]
-            s = tokens.shape[1]
-            out = drafter.forward_blocks(tokens, r["hidden"][None].float(), torch.arange(s)[None])  # depth 0
-            per_cat.setdefault(cat, []).extend(copy_split(r["tokens"].tolist(), r["prompt_len"], drafter.logits(out)[0].argmax(-1)))
+            tokens, p = r["tokens"][None], r["prompt_len"]
+            out = drafter.forward_blocks(tokens, r["hidden"][None].float(), torch.arange(tokens.shape[1])[None])  # depth 0
+            # slot q predicts x_{q+2}: the LM head only on the slots that predict answer tokens
+            pred = drafter.logits(out[0, p - 2 :]).argmax(-1)
+            per_cat.setdefault(cat, []).extend(copy_split(r["tokens"].tolist(), p, pred))
     vllm_pc = {}
     if args.vllm_json:
         run = json.loads(Path(args.vllm_json).read_text())["runs"][args.vllm_run]["per_category"]

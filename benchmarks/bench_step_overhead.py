@@ -8,6 +8,8 @@ that drift between processes on a shared machine shows up as spread instead of a
              `none` is the fixed cost specx adds to every step (drafter forward over the new token,
              its depth-0 LM head, which the early-stop decision reads, and vLLM's spec-decode bookkeeping)
   shipped    the drafter as shipped (early stop, up to --k tokens)
+Runs go through bench_acceptance.run_method (engine per spawned process, warm-up, per-mode environment;
+max_num_seqs 1 since the committed results, which ran an equivalent loop of their own at vLLM's default).
 SPECX_PROFILE_DRAFT=1 times vLLM's proposer per step in the speculative runs. Writes
 benchmarks/results/step_overhead_<tag>.{json,png}.
 
@@ -25,33 +27,19 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_acceptance import RESULTS, machine  # noqa: E402
+from bench_acceptance import RESULTS, machine, overall, run_method  # noqa: E402
 
-MODES = {"none": None, "no_draft": {"SPECX_NODE_THRESHOLD": "2"}, "shipped": {}}
+MODES = {"none": None, "no_draft": {"SPECX_NODE_THRESHOLD": "2"}, "shipped": {}}  # mode -> env (None: no drafter)
 
 
-def run_mode(prompts: list[str], drafter: str | None, k: int, max_tokens: int) -> dict:
-    """In a spawned process: one engine, batch 1 over the prompts (after one warm-up request)."""
-    from vllm_specx.models import smollm2_path
-    from vllm_specx.testing import generate, make_llm, shutdown
-    from vllm_specx.vllm_adapter import draft_profile
-
-    spec = None if drafter is None else {"method": "eagle3", "model": drafter, "num_speculative_tokens": k}
-    llm = make_llm(str(smollm2_path()), spec, dtype="float32", max_model_len=2048)
-    try:
-        generate(llm, prompts[:1], max_tokens=8)
-        draft_profile.reset()
-        runs = [generate(llm, [p], max_tokens=max_tokens) for p in prompts]
-        prof = draft_profile.summary() if draft_profile.enabled() else None
-    finally:
-        shutdown(llm)
-    wall = sum(r.wall_s for r in runs)
-    tokens = sum(r.num_output_tokens for r in runs)
-    passes = sum(r.metrics.num_engine_steps for r in runs)
+def mode_figures(per_cat: dict, profile: dict | None) -> dict:
+    """One run of bench_acceptance.run_method -> the per-pass figures this benchmark compares."""
+    o = overall(per_cat)
+    wall, tokens, passes = o["wall_s"], o["output_tokens"], o["target_passes"]
     return {"wall_s": wall, "output_tokens": tokens, "target_passes": passes, "tokens_per_s": tokens / wall,
             "ms_per_target_pass": 1e3 * wall / passes, "tokens_per_target_pass": tokens / passes,
-            "drafts": sum(r.metrics.num_drafts for r in runs),
-            "propose_ms_per_pass": (1e3 * prof["propose_s"] / passes) if prof and prof["propose_calls"] else None}
+            "drafts": o["drafts"],
+            "propose_ms_per_pass": (1e3 * profile["propose_s"] / passes) if profile and profile["propose_calls"] else None}
 
 
 def main() -> None:
@@ -66,8 +54,6 @@ def main() -> None:
     ap.add_argument("--tag", default="smollm2_cpu")
     args = ap.parse_args()
 
-    import multiprocessing
-
     from transformers import AutoTokenizer
     from tqdm import tqdm
 
@@ -75,28 +61,22 @@ def main() -> None:
     from vllm_specx.models import smollm2_path
 
     tok = AutoTokenizer.from_pretrained(str(smollm2_path()))
-    prompts = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
-               for _, t in load_prompt_set("spec_bench", per_category=args.per_category)]
+    prompts = [(c, tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False))
+               for c, t in load_prompt_set("spec_bench", per_category=args.per_category)]
     result = {"what": "cost of a target step with specx loaded (batch 1): none / no_draft / shipped, interleaved",
               "target": "SmolLM2-135M-Instruct", "drafter": args.drafter, "k": args.k, "prompts": len(prompts),
               "prompt_set": f"spec_bench, {args.per_category} per category", "max_tokens": args.max_tokens,
               "dtype": "float32", "eager": True, "machine": machine(),
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "reps": []}
-    ctx = multiprocessing.get_context("spawn")
+    target = str(smollm2_path())
     bar = tqdm(total=args.reps * len(MODES), desc="runs", unit="run")
-    for rep in range(args.reps):
+    for _ in range(args.reps):
         row = {}
         for mode, env in MODES.items():
-            saved = dict(os.environ)
-            os.environ["SPECX_PROFILE_DRAFT"] = "1"
-            os.environ.update(env or {})
-            try:
-                with ctx.Pool(1) as pool:  # a fresh process per run; it inherits this environment
-                    row[mode] = pool.apply(run_mode, (prompts, None if env is None else args.drafter, args.k,
-                                                      args.max_tokens))
-            finally:
-                os.environ.clear()
-                os.environ.update(saved)
+            spec = None if env is None else {"method": "eagle3", "model": args.drafter, "num_speculative_tokens": args.k,
+                                             "env": {**env, "SPECX_PROFILE_DRAFT": "1"}}
+            per_cat, profile, _ = run_method(target, spec, prompts, 1, args.max_tokens)  # its own spawned process
+            row[mode] = mode_figures(per_cat, profile)
             bar.update(1)
         result["reps"].append(row)
     bar.close()
