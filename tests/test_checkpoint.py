@@ -34,6 +34,18 @@ def test_good_config_roundtrip(tmp_path):
     (lambda d: d.update(vocab={"num_candidates": 0}), "vocab.num_candidates must be an integer in [1, 49152]"),
     (lambda d: d.update(vocab={"num_candidates": 50000}), "vocab.num_candidates must be an integer in [1, 49152]"),
     (lambda d: d.update(vocab={"return_topk": True}), "vocab.return_topk"),
+    (lambda d: d.update(lookup=[0.5]), "'lookup' must be an object"),
+    (lambda d: d.update(lookup={"first_accept": [0.5], "deeper_accept": [0.5], "max_n": 4}),
+     "unknown lookup keys ['max_n']"),
+    (lambda d: d.update(lookup={"first_accept": [0.5, 0.9], "deeper_accept": [0.5]}),
+     "lists of equal length"),
+    (lambda d: d.update(lookup={"first_accept": [1.5], "deeper_accept": [0.5]}), "lists of equal length"),
+    (lambda d: d.update(lookup={"first_accept": [0.5], "deeper_accept": [0.5], "min_n": 2}),
+     "lookup.min_n must be an integer in [1, 1]"),
+    (lambda d: d.update(lookup={"enabled": "yes", "first_accept": [0.5], "deeper_accept": [0.5]}),
+     "lookup.enabled must be true or false"),
+    (lambda d: d.update(lookup={"enabled": True, "first_accept": [0.5], "deeper_accept": [0.5]}),
+     "lookup needs the early_stop section"),
 ])
 def test_bad_configs_are_named(mutation, message):
     data = json.loads(json.dumps(GOOD))

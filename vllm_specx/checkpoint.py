@@ -44,6 +44,7 @@ class SpecxConfig:
     vocab: dict[str, Any] = field(default_factory=dict)  # subset-head tensors and sizes (see vllm_adapter.vocab_head)
     tree: dict[str, Any] = field(default_factory=dict)
     early_stop: dict[str, Any] = field(default_factory=dict)
+    lookup: dict[str, Any] = field(default_factory=dict)  # prompt-lookup candidates (draft_length.LookupCandidates)
     training: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> SpecxConfig:
@@ -66,6 +67,7 @@ class SpecxConfig:
             raise SpecxConfigError("specx_config.json: target.architecture and target.name_or_path must be strings")
         self._validate_early_stop()
         self._validate_tree()
+        self._validate_lookup()
         self._validate_vocab()
         return self
 
@@ -96,6 +98,32 @@ class SpecxConfig:
         thr = tree.get("threshold", 0.0)
         if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0.0 <= thr <= 1.0:
             raise SpecxConfigError(f"specx_config.json: tree.threshold must be a number in [0, 1], got {thr!r}")
+
+    def _validate_lookup(self) -> None:
+        lk = self.lookup
+        if not lk:
+            return
+        unknown = set(lk) - {"enabled", "min_n", "first_accept", "deeper_accept", "report", "command"}
+        if unknown:
+            raise SpecxConfigError(f"specx_config.json: unknown lookup keys {sorted(unknown)}; allowed: enabled, "
+                                   "min_n, first_accept, deeper_accept, report, command")
+        if not isinstance(lk.get("enabled", False), bool):
+            raise SpecxConfigError("specx_config.json: lookup.enabled must be true or false")
+        first, deeper = lk.get("first_accept"), lk.get("deeper_accept")
+        ok = (isinstance(first, list) and isinstance(deeper, list) and 1 <= len(first) == len(deeper) <= 32
+              and all(isinstance(p, (int, float)) and not isinstance(p, bool) and 0.0 <= p <= 1.0
+                      for p in first + deeper))
+        if not ok:
+            raise SpecxConfigError("specx_config.json: lookup.first_accept and lookup.deeper_accept must be lists "
+                                   "of equal length (1-32) of probabilities, one per matched n-gram length; fit them "
+                                   "with `vllm-specx train --stages lookup`")
+        min_n = lk.get("min_n", 1)
+        if not _is_int(min_n) or not 1 <= min_n <= len(first):
+            raise SpecxConfigError(f"specx_config.json: lookup.min_n must be an integer in [1, {len(first)}], got {min_n!r}")
+        if lk.get("enabled", False) and not self.early_stop:
+            raise SpecxConfigError("specx_config.json: lookup needs the early_stop section (lookup chains compete with "
+                                   "the drafter's by the early-stop model's accept probabilities); add it with "
+                                   "`vllm-specx train --stages early-stop` or set lookup.enabled to false")
 
     def _validate_early_stop(self) -> None:
         es = self.early_stop
@@ -136,7 +164,7 @@ class SpecxConfig:
                 f"{source}: 'target' needs architecture, vocab_size, hidden_size, num_hidden_layers "
                 f"(optional name_or_path); got keys {sorted(target)}"
             )
-        for key in ("vocab", "tree", "early_stop", "training"):
+        for key in ("vocab", "tree", "early_stop", "lookup", "training"):
             if key in data and not isinstance(data[key], dict):
                 raise SpecxConfigError(f"{source}: {key!r} must be an object")
         try:

@@ -179,3 +179,84 @@ def test_controller_skips_steps_after_drafting_steps_that_did_not_pay(confidence
     assert drafting_step([0.95, 0.95]) == [0, 0]
     assert drafting_step([0.95, 0.95]) == [2, 2]  # third skip in a row explores
     assert ctl.stats["skipped_steps"] == 2
+
+
+def _lookup_batch():
+    """Two requests: row 0 repeats a phrase (a 4-gram match predicts [7, 8, 9]), row 1 never repeats."""
+    import numpy as np
+
+    tokens = np.zeros((4, 32), dtype=np.int32)
+    row0 = [1, 2, 3, 4, 7, 8, 9, 5, 1, 2, 3, 4]
+    tokens[0, : len(row0)] = row0
+    tokens[1, :6] = [10, 11, 12, 13, 14, 15]
+    return tokens, np.array([len(row0), 6, 0, 0])
+
+
+def _weak_draft_step(ctl):
+    """A draft step where the drafter is unsure for both requests (both stop at depth 0)."""
+    try:
+        ctl.observe(torch.randn(2, 8), _logits([0.2, 0.2]))
+    except _AllStopped:
+        pass
+
+
+def _lookup_controller(confidence_model, threshold=0.3):
+    from vllm_specx.core.lookup import LookupTable
+    from vllm_specx.vllm_adapter.draft_length import LookupCandidates
+
+    lookup = LookupCandidates(LookupTable(first=(0.2, 0.5, 0.6, 0.9), deeper=(0.5, 0.6, 0.7, 0.9)))
+    return ChainStopController(DraftLengthPolicy(4, confidence_model), None, lambda b: threshold, lookup=lookup)
+
+
+def test_lookup_chain_replaces_a_weak_drafter_chain_and_learns_from_rejections(confidence_model):
+    ctl = _lookup_controller(confidence_model)
+    tokens, lengths = _lookup_batch()
+    ctl.feedback(["a", "b"], [1, 1])
+    ctl.lookup.find(["a", "b"], tokens, lengths, None, k=4, max_model_len=100)
+    ctl.begin(armed=True)
+    _weak_draft_step(ctl)
+    ctl.finish()
+    chains = ctl.lookup_chains(["a", "b"])
+    assert chains[0] == [7, 8, 9, 5][: len(chains[0])] and len(chains[0]) >= 2  # 0.9, 0.81, 0.73, ... >= 0.3
+    assert chains[1] is None  # no match: the drafter's chain (here: nothing) stays
+    first_len = len(chains[0])
+    # the target rejects the lookup's first token, several steps in a row: the request's scale drops
+    for _ in range(6):
+        ctl.feedback(["a", "b"], [1, 1])
+        ctl.lookup.find(["a", "b"], tokens, lengths, None, k=4, max_model_len=100)
+        ctl.begin(armed=True)
+        _weak_draft_step(ctl)
+        ctl.finish()
+        chains = ctl.lookup_chains(["a", "b"])
+    assert chains[0] is None or len(chains[0]) < first_len
+    assert ctl.lookup.stats["accepted"] == 0 and ctl.lookup.stats["chosen"] >= 2
+
+
+def test_lookup_sees_the_tokens_sampled_this_step_and_never_passes_max_model_len(confidence_model):
+    from vllm_specx.vllm_adapter.draft_length import _pending_tokens
+
+    ctl = _lookup_controller(confidence_model)
+    tokens, lengths = _lookup_batch()
+    lengths[0] -= 1  # the runner has not written the step's last sampled token (4) yet
+    pending = _pending_tokens(torch.tensor([[4, -1], [16, -1]]))
+    assert pending == [[4], [16]] and _pending_tokens([[4], [16]]) is None  # lists come after bookkeeping
+    ctl.lookup.find(["a", "b"], tokens, lengths, pending, k=4, max_model_len=100)
+    assert ctl.lookup._chains["a"][0].tolist() == [7, 8, 9, 5]
+    ctl.lookup.find(["a", "b"], tokens, lengths, pending, k=4, max_model_len=14)
+    assert ctl.lookup._chains["a"][0].tolist() == [7]  # 12 tokens + 1 draft + the bonus token fit in 14
+
+
+def test_a_strong_lookup_match_for_every_request_skips_the_drafters_head(confidence_model):
+    ctl = _lookup_controller(confidence_model)
+    tokens, lengths = _lookup_batch()
+    ctl.feedback(["a"], [1])
+    ctl.lookup.find(["a"], tokens, lengths, None, k=4, max_model_len=100)
+    ctl.begin(armed=True)
+    assert ctl.skip_step(1)  # 0.9 + 0.81 + 0.73 + 0.66 >= 2 expected tokens
+    with pytest.raises(_AllStopped):
+        ctl.before_head(1)
+    assert ctl.finish() == [0] and ctl.lookup_chains(["a"])[0] == [7, 8, 9, 5]
+    ctl.feedback(["a", "b"], [1, 1])  # one request without a match: the drafter runs for the batch
+    ctl.lookup.find(["a", "b"], tokens, lengths, None, k=4, max_model_len=100)
+    ctl.begin(armed=True)
+    assert not ctl.skip_step(2)

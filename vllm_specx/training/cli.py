@@ -11,6 +11,9 @@
   vocab   SpecVocab projection (auxiliary loss, drafter frozen) + fixed reduced vocabulary (EDD only),
           saved beside the drafter; --vocab-mode picks the mode the checkpoint runs in (not in the
           default --stages)
+  lookup  prompt-lookup accept table by matched n-gram length, fitted on the target's greedy responses
+          (this work dir's and those beside --extra-records), enabling lookup candidates in the
+          drafter's specx_config.json (needs its early-stop model; not in the default --stages)
 Every stage skips work already on disk in --work-dir, so an interrupted run resumes.
 """
 
@@ -21,7 +24,7 @@ import os
 from pathlib import Path
 
 HELP = "train an EDD drafter for a target model (data -> record -> fit -> export)"
-STAGES = ("data", "record", "fit", "export", "early-stop", "vocab")
+STAGES = ("data", "record", "fit", "export", "early-stop", "vocab", "lookup")
 
 
 def add_arguments(parser) -> None:
@@ -204,6 +207,12 @@ def run(args) -> int:
 
             attach_vocab(args.out, load_specx_config(args.out).vocab, mode=args.vocab_mode)
         print(json.dumps({k: v for k, v in report.items() if k != "loss_curve"}, indent=2))
+    if "lookup" in stages:
+        from vllm_specx.training.lookup_fit import fit_lookup
+
+        report = fit_lookup(Path(args.out), [work, *[Path(f).parent for f in args.extra_records or []]],
+                            command="vllm-specx train " + " ".join(_argv(args)))
+        print(json.dumps(report, indent=2))
     return 0
 
 

@@ -81,7 +81,12 @@ INTERNALS: tuple[Internal, ...] = (
              "PCT trees for sampled requests read the runner's input_batch.temperature_cpu[i] (numpy, 0 for "
              "greedy) and input_batch.generators (batch index -> the seeded request's torch.Generator); both "
              "are instance attributes set in __init__, so a rename fails at the first sampled tree step "
-             "with an AttributeError naming them (tests/vllm/test_tree_stops.py runs that path)",
+             "with an AttributeError naming them (tests/vllm/test_tree_stops.py runs that path). Prompt-lookup "
+             "candidates read input_batch.token_ids_cpu [max_reqs, max_len] and num_tokens_no_spec [max_reqs] "
+             "(numpy; what vLLM's ngram proposer reads) and runner.max_model_len before drafting; when "
+             "propose_draft_token_ids gets the sampler's tensor the step's tokens are not written there yet "
+             "(EAGLE drafts before bookkeeping) and are appended from it"
+             "(tests/vllm/test_lookup.py runs that path)",
              is_class=True, runner="v1"),
     Internal("vllm.v1.spec_decode.metadata:SpecDecodeMetadata",
              "PCT trees: logits rows per request from cu_num_sampled_tokens (n drafts + 1 rows each)",

@@ -25,6 +25,7 @@ import os
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vllm_specx.core.early_stop import (
@@ -35,6 +36,7 @@ from vllm_specx.core.early_stop import (
     load_early_stop,
     top_probs_and_entropy,
 )
+from vllm_specx.core.lookup import LookupTable, lookup_continuation, lookup_tokens_to_verify
 from vllm_specx.core.spec_vocab import summarise_logprobs
 
 DEFAULT_THRESHOLD = 0.25  # used when the drafter folder has no calibrated cost model
@@ -60,6 +62,7 @@ class ChainStopController:
     payoff: DraftingPayoff | None = None  # skips whole steps whose drafting recently did not pay
     max_siblings: int = 0  # PCT: runner-up tokens per depth offered as alternative children (0: chains)
     sibling_threshold_for_batch: callable | None = None  # default: threshold_for_batch
+    lookup: LookupCandidates | None = None  # prompt-lookup chains competing with the drafter's
     _sibs: list = field(default_factory=list)  # per depth: (ids [B, m], probs [B, m], chain path prob [B])
     _trees: list | None = None  # per request: (node tokens, parents) of the step that just ran
     stats: dict = field(default_factory=lambda: {"steps": 0, "early_exits": 0, "kept": 0, "max_tokens": 0})
@@ -80,6 +83,8 @@ class ChainStopController:
         """Before a step drafts: num_sampled[i] tokens were just emitted for req_ids[i] (accepted
         drafts + 1; 0 for a partial prefill). Feeds the calibration with the step now verified."""
         self._req_ids = list(req_ids)
+        if self.lookup is not None:
+            self.lookup.feedback(req_ids, num_sampled)
         accepted = [max(n - 1, 0) if r in self._last else 0 for r, n in zip(req_ids, num_sampled)]
         if self.payoff is not None and self._last_step is not None:
             self.payoff.update(self._last_step[0], sum(accepted), self._last_step[1])
@@ -99,11 +104,16 @@ class ChainStopController:
 
     def skip_step(self, batch_size: int) -> bool:
         """True when drafting does not pay at this batch size (cost model, and what drafting steps at
-        this batch size recently earned: `DraftingPayoff`): the step drafts nothing."""
+        this batch size recently earned: `DraftingPayoff`), or when every request has a lookup chain
+        the drafter would not beat (`LookupCandidates.preempts`): the drafter drafts nothing."""
         self._skipping = False
-        if self.drafting_pays(batch_size) and (self.payoff is None or self.payoff.pays(batch_size)):
+        preempted = self.lookup is not None and self._req_ids is not None and len(self._req_ids) == batch_size \
+            and self.lookup.preempts(self._req_ids, float(self.threshold_for_batch(batch_size)))
+        if not preempted and self.drafting_pays(batch_size) and (self.payoff is None or self.payoff.pays(batch_size)):
             return False
         self._skipping = True
+        if preempted:  # every request has a lookup chain the drafter would not beat: skip its head
+            self.stats["lookup_preempted"] = self.stats.get("lookup_preempted", 0) + 1
         self._lengths, self._armed, self._expected = [0] * batch_size, True, torch.zeros(batch_size)
         self.stats["skipped_steps"] = self.stats.get("skipped_steps", 0) + 1
         if self.metrics is not None:
@@ -198,20 +208,101 @@ class ChainStopController:
             out.append((tree.token_ids[r, 1:n].tolist(), tree.parents[r, 1:n].tolist()))
         return out
 
+    def lookup_chains(self, req_ids: list[str]) -> list[list[int] | None]:
+        """Per request: the prompt-lookup chain to verify instead of the drafter's, or None. Call after
+        `finish` (it compares with the drafter's expected accepted tokens of this step)."""
+        if self.lookup is None:
+            return [None] * len(req_ids)
+        threshold = float(self.threshold_for_batch(len(req_ids)))
+        chains = self.lookup.choose(req_ids, threshold, [self._last.get(r, 0.0) for r in req_ids])
+        for r, chain in zip(req_ids, chains):
+            if chain is not None:  # the drafter's calibration learns from its own drafts only
+                self._last.pop(r, None)
+        return chains
+
     def take_trees(self, runner, req_ids: list[str]) -> list | None:
         """Per request (aligned with req_ids): (node tokens, parents) of the tree drafted this step."""
         trees, self._trees = self._trees, None
         return trees
 
 
+@dataclass
+class LookupCandidates:
+    """Per step: each request's prompt-lookup chain (computed from the runner's token ids before
+    drafting) and, after drafting, which chain is verified (`core.lookup`). Greedy drafts only (the
+    controller is armed only then): sampled drafts carry probabilities tied to the drafter's tokens."""
+
+    table: LookupTable
+    min_n: int = 1
+    preempt_expected: float = 2.0  # expected accepted lookup tokens above which the drafter's head is skipped
+    calibration: OnlineAcceptCalibration = field(default_factory=OnlineAcceptCalibration)
+    stats: dict = field(default_factory=lambda: {"chosen": 0, "tokens": 0, "accepted": 0})
+    _chains: dict = field(default_factory=dict)   # req_id -> (chain np.ndarray, matched n), this step
+    _verifying: dict = field(default_factory=dict)  # req_id -> (tokens proposed, expected accepted)
+
+    def feedback(self, req_ids: list[str], num_sampled: list[int]) -> None:
+        acc = [min(max(n - 1, 0), self._verifying[r][0]) if r in self._verifying else 0
+               for r, n in zip(req_ids, num_sampled)]
+        self.calibration.update(req_ids, acc, [self._verifying.get(r, (0, 0.0))[1] for r in req_ids])
+        self.stats["accepted"] += sum(acc)
+        self._verifying = {}
+
+    def find(self, req_ids: list[str], token_ids, num_tokens, pending: list[list[int]] | None, k: int,
+             max_model_len: int) -> None:
+        """token_ids [B_max, max_len] numpy, num_tokens [B_max]: the runner's input batch (row i is
+        req_ids[i]'s prompt + output so far); pending[i]: tokens sampled this step that the runner has
+        not written there yet (vLLM drafts EAGLE-style before its bookkeeping), or None. Chains never
+        run past max_model_len."""
+        max_n = len(self.table.first)
+        self._chains = {}
+        for i, r in enumerate(req_ids):
+            n = int(num_tokens[i])
+            context = token_ids[i, :n]
+            if pending is not None and pending[i]:
+                context = np.concatenate([context, np.asarray(pending[i], dtype=context.dtype)])
+            self._chains[r] = lookup_continuation(context, self.min_n, max_n,
+                                                  max(0, min(k, max_model_len - context.size - 1)))
+
+    def preempts(self, req_ids: list[str], threshold: float) -> bool:
+        """True when every request's lookup chain is expected to yield >= preempt_expected accepted
+        tokens: the drafter (whose chains rarely expect more than one) then skips its LM head."""
+        scales = self.calibration.scales(req_ids).tolist()
+        for r, scale in zip(req_ids, scales):
+            chain, n = self._chains.get(r, (None, 0))
+            if not n:
+                return False
+            probs = self.table.path_probs(n, chain.size, scale)
+            if float(probs[probs >= threshold].sum()) < self.preempt_expected:
+                return False
+        return bool(req_ids)
+
+    def choose(self, req_ids: list[str], threshold: float, drafter_expected: list[float]) -> list[list[int] | None]:
+        """Per request: the lookup chain to verify instead of the drafter's, or None."""
+        scales = self.calibration.scales(req_ids).tolist()
+        out = []
+        for r, scale, expected in zip(req_ids, scales, drafter_expected):
+            chain, n = self._chains.get(r, (None, 0))
+            probs = self.table.path_probs(n, chain.size, scale) if n else None
+            keep = lookup_tokens_to_verify(probs, threshold, expected) if n else 0
+            if keep:
+                self._verifying[r] = (keep, float(probs[:keep].sum()))
+                self.stats["chosen"] += 1
+                self.stats["tokens"] += keep
+            out.append(chain[:keep].tolist() if keep else None)
+        return out
+
+
 def load_controller(drafter_dir: str | Path, early_stop: dict, max_k: int,
-                    tree: dict | None = None, vocab_mode: str | None = None) -> ChainStopController | None:
+                    tree: dict | None = None, vocab_mode: str | None = None,
+                    lookup: dict | None = None) -> ChainStopController | None:
     """The controller described by specx_config.json's `early_stop` section (None when absent/off).
     tree = {"max_siblings": m, optional "threshold"}: draft PCT trees (chain + pruned runner-up
     children, see core.tree); their node threshold is the cost model's, else tree.threshold, else
     the early-stop threshold. vocab_mode: the LM-head mode in use; a cost model measured in that mode
     (`cost_model.<mode>.json`, written by `vllm-specx calibrate` under SPECX_VOCAB=<mode>) wins over
-    the default file, since the head's mode changes the cost of a draft step."""
+    the default file, since the head's mode changes the cost of a draft step.
+    lookup = {"first_accept": [...], "deeper_accept": [...], optional "min_n"}: prompt-lookup chains
+    compete with the drafter's each step (`LookupCandidates`); None: the drafter's chains only."""
     if not early_stop or not early_stop.get("enabled", True) or "path" not in early_stop:
         return None
     folder = Path(drafter_dir) / early_stop["path"]
@@ -279,7 +370,9 @@ def load_controller(drafter_dir: str | Path, early_stop: dict, max_k: int,
     return ChainStopController(
         DraftLengthPolicy(max_k, model), proj, threshold, calibration=calibration, drafting_pays=drafting_pays,
         metrics=specx_metrics(), payoff=payoff, max_siblings=int(tree.get("max_siblings", 0)),
-        sibling_threshold_for_batch=sibling_threshold)
+        sibling_threshold_for_batch=sibling_threshold,
+        lookup=None if lookup is None else LookupCandidates(
+            LookupTable(tuple(lookup["first_accept"]), tuple(lookup["deeper_accept"])), int(lookup.get("min_n", 1))))
 
 
 def _controller_of(proposer) -> ChainStopController | None:
@@ -320,16 +413,17 @@ def _wrap_take(orig):
         if out is None or lengths is None or len(lengths) != len(out.draft_token_ids):
             return out
         trees = ctl.take_trees(self, out.req_ids)
+        lookups = ctl.lookup_chains(out.req_ids)
         from vllm_specx.vllm_adapter.tree_step import register_tree, tree_eligible, trees_supported
 
-        if trees is None or not trees_supported(self):
-            out.draft_token_ids = [list(ids[:n]) for ids, n in zip(out.draft_token_ids, lengths)]
-            return out
-
+        use_trees = trees is not None and trees_supported(self)
         lists = []
-        for rid, ids, n, (tokens, parents) in zip(out.req_ids, out.draft_token_ids, lengths, trees):
-            req = self.requests.get(rid)
-            if tokens and req is not None and tree_eligible(req.sampling_params):
+        for i, (rid, ids, n) in enumerate(zip(out.req_ids, out.draft_token_ids, lengths)):
+            tokens, parents = trees[i] if use_trees else ((), ())
+            req = self.requests.get(rid) if use_trees else None
+            if lookups[i] is not None:
+                lists.append(lookups[i])
+            elif tokens and req is not None and tree_eligible(req.sampling_params):
                 register_tree(rid, tokens, parents)
                 lists.append(tokens)
             else:
@@ -348,12 +442,26 @@ def _num_sampled(sampled_token_ids) -> list[int]:
     return [len(t) for t in sampled_token_ids]
 
 
+def _pending_tokens(sampled_token_ids) -> list[list[int]] | None:
+    """This step's sampled tokens not yet in input_batch.token_ids_cpu: vLLM hands EAGLE-style drafters
+    the sampler's [B, K+1] tensor (padded with -1) before its bookkeeping writes them; drafters that
+    get list[list[int]] run after it (the tokens are already there)."""
+    if not isinstance(sampled_token_ids, torch.Tensor):
+        return None
+    return [[t for t in row if t != -1] for row in sampled_token_ids.tolist()]
+
+
 def _wrap_propose_draft_token_ids(orig):
     @functools.wraps(orig)
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
         ctl = _controller_of(getattr(self, "drafter", None))
         if ctl is not None:
-            ctl.feedback(list(self.input_batch.req_ids), _num_sampled(sampled_token_ids))
+            req_ids = list(self.input_batch.req_ids)
+            ctl.feedback(req_ids, _num_sampled(sampled_token_ids))
+            if ctl.lookup is not None:  # context per row: prompt + output so far (+ this step's tokens)
+                batch = self.input_batch
+                ctl.lookup.find(req_ids, batch.token_ids_cpu, batch.num_tokens_no_spec,
+                                _pending_tokens(sampled_token_ids), ctl.policy.max_k, self.max_model_len)
         return orig(self, scheduler_output, sampled_token_ids, *args, **kwargs)
 
     propose_draft_token_ids.__specx_wrapped__ = True

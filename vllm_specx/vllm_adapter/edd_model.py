@@ -250,7 +250,7 @@ def _draft_length_controller(speculative_config, runner: str, specx, vocab_mode:
 
     tree = tree_settings(specx.tree)
     controller = load_controller(folder, specx.early_stop, speculative_config.num_speculative_tokens, tree,
-                                 vocab_mode)
+                                 vocab_mode, lookup_settings(specx.lookup))
     if controller is not None:
         install_runner_hooks()
         if tree:
@@ -262,6 +262,23 @@ def _draft_length_controller(speculative_config, runner: str, specx, vocab_mode:
             "vllm-specx: PCT trees need the drafter's early-stop model (the `early-stop` training stage); "
             "drafting chains.")
     return controller
+
+
+def lookup_settings(lookup: dict) -> dict | None:
+    """Prompt-lookup candidate settings from specx_config.json's `lookup` section, or None when off;
+    SPECX_LOOKUP=0/1 in the environment overrides `enabled` (absent section: off)."""
+    import os
+
+    env = os.environ.get("SPECX_LOOKUP")
+    enabled = lookup.get("enabled", False) if env is None else env == "1"
+    if enabled and "first_accept" not in lookup:
+        from vllm.logger import init_logger
+
+        init_logger(__name__).warning(
+            "vllm-specx: lookup candidates requested but the drafter has no lookup table; fit one with "
+            "`vllm-specx train --stages lookup`. Drafting without them.")
+        return None
+    return lookup if enabled else None
 
 
 def tree_settings(tree: dict) -> dict | None:

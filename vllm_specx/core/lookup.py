@@ -1,0 +1,97 @@
+"""Prompt-lookup candidates beside the drafter's (multi-candidate drafting, engine-free).
+
+Why: on Spec-Bench about half of the answer tokens continue a bigram already in the context
+(summaries, translations, RAG answers quote their input), prompt lookup predicts ~65 % of those,
+and the one-layer drafter ~16 % (benchmarks/results/drafter_copy_smollm2_cpu.json). So each step has
+two candidate chains per request: the drafter's (with its own accept probabilities from the early-stop
+model) and the continuation of the latest earlier occurrence of the context's suffix n-gram. The one
+with more expected accepted tokens is verified. Lossless either way: the target verifies whatever is
+proposed; greedy output is unchanged (the same argument as vLLM's ngram method).
+
+A lookup token's accept probability depends on how long the matched n-gram is (a 1-gram match is
+right ~25 % of the time, a 4-gram match ~90 % on the target's own training responses): `LookupTable`
+holds P(first token accepted | n) and P(next accepted | previous accepted, n), fitted on training
+records by `fit_lookup_table` (`vllm-specx train --stages lookup`) and scaled per request online
+(`early_stop.OnlineAcceptCalibration`). A lookup chain is cut where its path probability falls below
+the step's node threshold, the same rule (and cost model) the drafter's chain is cut by.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def lookup_continuation(context: np.ndarray, min_n: int, max_n: int, k: int) -> tuple[np.ndarray, int]:
+    """context [L] int -> (up to k tokens [<=k] that followed an earlier occurrence of the longest
+    suffix n-gram with min_n <= n <= max_n, that n); (empty, 0) when no suffix n-gram occurs earlier.
+
+    Of several occurrences: the latest with k tokens after it (recent text predicts best), else the
+    earliest (the longest continuation; in a repeating loop the latest is followed by only a few)."""
+    length = context.shape[0]
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        # windows starting at 0 .. L-n-1 (all end before the last token, so a match is "earlier")
+        windows = np.lib.stride_tricks.sliding_window_view(context[:-1], n)
+        starts = np.flatnonzero((windows == context[-n:]).all(axis=1))
+        if starts.size:
+            full = starts[starts + n + k <= length]
+            begin = int(full[-1] if full.size else starts[0]) + n
+            return context[begin: begin + k], n
+    return context[:0], 0
+
+
+@dataclass(frozen=True)
+class LookupTable:
+    """Accept probabilities of lookup tokens by matched n-gram length n = 1..len(first) (longer
+    matches use the last entry): first[n-1] = P(first token accepted), deeper[n-1] = P(token d+1
+    accepted | token d accepted)."""
+
+    first: tuple[float, ...]
+    deeper: tuple[float, ...]
+
+    def path_probs(self, n: int, length: int, scale: float = 1.0) -> np.ndarray:
+        """[length] probability that the chain is accepted through each depth (scale: the request's
+        online correction of the first token's probability, clipped to a probability)."""
+        i = min(n, len(self.first)) - 1
+        first = min(1.0, self.first[i] * scale)
+        return first * self.deeper[i] ** np.arange(length)
+
+
+def lookup_tokens_to_verify(path_probs: np.ndarray, threshold: float, drafter_expected: float) -> int:
+    """How many lookup tokens to verify instead of the drafter's chain (0: keep the drafter's).
+
+    path_probs [L] is non-increasing: the chain is cut where it falls below the node threshold (a
+    node pays when its path probability clears the cost model's threshold), and it wins when its
+    expected accepted tokens (sum of kept path probabilities) exceed the drafter's."""
+    n = int((path_probs >= threshold).sum())
+    return n if n and float(path_probs[:n].sum()) > drafter_expected else 0
+
+
+def fit_lookup_table(sequences: list[np.ndarray], prompt_lens: list[int], max_n: int = 4, k: int = 8,
+                     prior: tuple[float, float] = (1.0, 1.0)) -> tuple[LookupTable, dict]:
+    """Fit a LookupTable on target-generated sequences (prompt + greedy response): at every response
+    position, the lookup chain from the context so far is compared with the response that followed.
+    Returns the table and a report (positions, matches and rates per n). prior: Beta pseudo-counts
+    (accepted, rejected) per cell, so that a rare n stays finite."""
+    first = np.zeros((max_n, 2))  # per n: (tried, accepted)
+    deeper = np.zeros((max_n, 2))
+    positions = 0
+    for seq, plen in zip(sequences, prompt_lens):
+        seq = np.asarray(seq)
+        for t in range(max(plen, 2), len(seq)):
+            positions += 1
+            chain, n = lookup_continuation(seq[:t], 1, max_n, k)
+            if n == 0:
+                continue
+            truth = seq[t: t + chain.size]
+            ok = int(np.cumprod(chain[: truth.size] == truth).sum())
+            first[n - 1] += (1, ok >= 1)
+            tried_deeper = min(ok, truth.size - 1)  # depths d >= 1 whose parent was accepted
+            deeper[n - 1] += (tried_deeper, max(ok - 1, 0))
+    a, b = prior
+    table = LookupTable(tuple(((first[:, 1] + a) / (first[:, 0] + a + b)).round(4).tolist()),
+                        tuple(((deeper[:, 1] + a) / (deeper[:, 0] + a + b)).round(4).tolist()))
+    report = {"positions": positions, "matches_per_n": first[:, 0].astype(int).tolist(),
+              "first_accept": list(table.first), "deeper_accept": list(table.deeper), "max_n": max_n, "k": k}
+    return table, report
