@@ -13,6 +13,9 @@ How it plugs in (each vLLM internal is declared in `compat.INTERNALS`):
   4. `GPUModelRunner.propose_draft_token_ids` is wrapped: before drafting, the tokens the target just
      accepted per request feed `OnlineAcceptCalibration`, so a request whose drafts were rejected
      drafts less on its next step (and backs off until the drafter does better).
+  5. With a `lookup` table (`LookupCandidates`), the same runner wrapper finds each request's prompt-
+     lookup chain before drafting, and `take_draft_token_ids` verifies it instead of the drafter's
+     chain (or tree) where it expects more accepted tokens (`core.lookup`).
 Lossless: stopping only removes proposals; the target verifies whatever remains. Greedy draft
 sampling only: when vLLM samples drafts probabilistically (draft probabilities kept for rejection
 sampling) the step runs at fixed K so that probabilities and tokens stay aligned.
