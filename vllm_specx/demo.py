@@ -86,6 +86,9 @@ def run(args) -> int:
                          "num_drafts": drafts, "accepted": accepted,
                          "mean_acceptance_length": 1 + accepted / drafts if drafts else None}
     diff = first_divergence(results["plain"]["tokens"], results["edd"]["tokens"])
+    from vllm_specx.vllm_adapter.edd_model import lookup_settings
+
+    lookup_on = lookup_settings(specx.lookup) is not None  # prompt-lookup candidates beside the drafter
     summary = {
         "target": "SmolLM2-135M-Instruct", "drafter": args.drafter, "num_speculative_tokens": k,
         "prompts": len(prompts), "max_tokens": args.max_tokens, "batch_size": 1,
@@ -95,6 +98,7 @@ def run(args) -> int:
         "tokens_per_target_pass": {n: results[n]["tokens_per_target_pass"] for n in results},
         "greedy_outputs_identical": diff is None,
         "edd_steps_with_drafts": results["edd"]["num_drafts"], "edd_target_passes": results["edd"]["target_passes"],
+        "lookup_candidates": lookup_on,
     }
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -102,7 +106,8 @@ def run(args) -> int:
         print(f"\nSmolLM2-135M-Instruct, {len(prompts)} prompts, batch 1, max {args.max_tokens} tokens, k={k}")
         print(f"  no speculation : {summary['plain_tokens_per_s']:7.1f} tok/s, "
               f"{summary['tokens_per_target_pass']['plain']:.2f} tokens per target pass")
-        print(f"  EDD drafter    : {summary['edd_tokens_per_s']:7.1f} tok/s, "
+        label = "EDD + lookup   " if lookup_on else "EDD drafter    "
+        print(f"  {label}: {summary['edd_tokens_per_s']:7.1f} tok/s, "
               f"{summary['tokens_per_target_pass']['edd']:.2f} tokens per target pass")
         print(f"  speed-up       : {summary['speedup']:.2f}x")
         mal = summary["mean_acceptance_length"]
