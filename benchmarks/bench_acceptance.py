@@ -59,6 +59,15 @@ def method_config(name: str, k: int) -> dict | None:
     raise SystemExit(f"unknown method {name!r}")
 
 
+def chat_prompts(target: str, rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(category, user text) -> (category, the text in the target's chat template, ready to generate)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(target)
+    return [(c, tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False))
+            for c, t in rows]
+
+
 def run_method(target: str, spec: dict | None, prompts: list[tuple[str, str]], batch: int, max_tokens: int):
     """Each method in a fresh spawned process: engines do not share state, and vLLM 0.32 crashes when an
     EAGLE-style engine starts in a process where the ngram proposer already imported numba/llvmlite."""
@@ -228,14 +237,10 @@ def main() -> None:
     ap.add_argument("--tag", default="smollm2_cpu")
     args = ap.parse_args()
 
-    from transformers import AutoTokenizer
-
     from vllm_specx.models import smollm2_path
 
     target = str(smollm2_path())
-    tok = AutoTokenizer.from_pretrained(target)
-    prompts = [(c, tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False))
-               for c, t in load_prompts(args.prompts, args.per_category)]
+    prompts = chat_prompts(target, load_prompts(args.prompts, args.per_category))
     dtype = os.environ.get("SPECX_BENCH_DTYPE", "float32")
     result = {"target": "SmolLM2-135M-Instruct", "prompts": args.prompts, "num_prompts": len(prompts),
               "max_tokens": args.max_tokens, "k": args.k, "methods": args.methods, "batch_sizes": args.batch_sizes,

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_acceptance import RESULTS, machine, method_config, run_method  # noqa: E402
-from bench_step_overhead import mode_figures  # noqa: E402
+from bench_acceptance import RESULTS, chat_prompts, machine, method_config  # noqa: E402
+from bench_step_overhead import interleaved_runs  # noqa: E402
 
 METHODS = ("none", "ngram", "edd", "edd_lookup")
 
@@ -52,35 +52,18 @@ def main() -> None:
     if "none" not in args.methods:
         raise SystemExit("--methods must include none: every figure is a ratio to it")
 
-    from transformers import AutoTokenizer
-    from tqdm import tqdm
-
     from vllm_specx.eval_sets import load_prompt_set
     from vllm_specx.models import smollm2_path
 
     target = str(smollm2_path())
-    tok = AutoTokenizer.from_pretrained(target)
-    prompts = [(c, tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False))
-               for c, t in load_prompt_set("spec_bench", per_category=args.per_category)]
+    prompts = chat_prompts(target, load_prompt_set("spec_bench", per_category=args.per_category))
     result = {"what": "prompt-lookup candidates beside the EDD drafter (batch 1), methods interleaved per repetition",
               "target": "SmolLM2-135M-Instruct", "drafter": args.drafter, "k": args.k, "prompts": len(prompts),
               "prompt_set": f"spec_bench, {args.per_category} per category", "max_tokens": args.max_tokens,
               "dtype": "float32", "eager": True, "machine": machine(),
-              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "reps": []}
-    bar = tqdm(total=args.reps * len(args.methods), desc="runs", unit="run")
-    for _ in range(args.reps):
-        row = {}
-        for name in args.methods:
-            per_cat, profile, _ = run_method(target, method_spec(name, args.drafter, args.k), prompts, 1, args.max_tokens)
-            row[name] = mode_figures(per_cat, profile)
-            row[name]["per_category"] = {
-                c: {"tokens_per_target_pass": d["output_tokens"] / d["target_passes"],
-                    "tokens_per_s": d["output_tokens"] / d["wall_s"],
-                    "mean_acceptance_length": 1 + d["accepted"] / d["drafts"] if d["drafts"] else None}
-                for c, d in per_cat.items()}
-            bar.update(1)
-        result["reps"].append(row)
-    bar.close()
+              "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    specs = {name: method_spec(name, args.drafter, args.k) for name in args.methods}
+    result["reps"] = interleaved_runs(target, specs, prompts, args.reps, args.max_tokens)
     result["summary"] = summarise(result["reps"], args.methods)
     out = RESULTS / f"lookup_{args.tag}.json"
     out.write_text(json.dumps(result, indent=2))

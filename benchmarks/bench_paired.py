@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_acceptance import RESULTS, machine  # noqa: E402
+from bench_acceptance import RESULTS, chat_prompts, machine  # noqa: E402
 
 ENGINES = {"none": None, "edd": {"SPECX_LOOKUP": "0"}, "edd_lookup": {"SPECX_LOOKUP": "1"}}  # name -> env at build
 
@@ -74,7 +74,6 @@ def main() -> None:
     ap.add_argument("--tag", default="smollm2_cpu")
     args = ap.parse_args()
 
-    from transformers import AutoTokenizer
     from tqdm import tqdm
 
     from vllm_specx.eval_sets import load_prompt_set
@@ -82,9 +81,7 @@ def main() -> None:
     from vllm_specx.testing import generate
 
     target = str(smollm2_path())
-    tok = AutoTokenizer.from_pretrained(target)
-    prompts = [(c, tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False))
-               for c, t in load_prompt_set("spec_bench", per_category=args.per_category)]
+    prompts = chat_prompts(target, load_prompt_set("spec_bench", per_category=args.per_category))
     engines = {name: build(name, env, target, args.drafter, args.k) for name, env in ENGINES.items()}
     for llm in engines.values():
         generate(llm, [prompts[0][1]], max_tokens=8)  # warm-up

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_acceptance import RESULTS, machine, overall, run_method  # noqa: E402
+from bench_acceptance import RESULTS, chat_prompts, machine, overall, run_method  # noqa: E402
 
 MODES = {"none": None, "no_draft": {"SPECX_NODE_THRESHOLD": "2"}, "shipped": {}}  # mode -> env (None: no drafter)
 
@@ -39,7 +39,31 @@ def mode_figures(per_cat: dict, profile: dict | None) -> dict:
     return {"wall_s": wall, "output_tokens": tokens, "target_passes": passes, "tokens_per_s": tokens / wall,
             "ms_per_target_pass": 1e3 * wall / passes, "tokens_per_target_pass": tokens / passes,
             "drafts": o["drafts"],
-            "propose_ms_per_pass": (1e3 * profile["propose_s"] / passes) if profile and profile["propose_calls"] else None}
+            "propose_ms_per_pass": (1e3 * profile["propose_s"] / passes) if profile and profile["propose_calls"] else None,
+            "per_category": {
+                c: {"tokens_per_target_pass": d["output_tokens"] / d["target_passes"],
+                    "tokens_per_s": d["output_tokens"] / d["wall_s"],
+                    "mean_acceptance_length": 1 + d["accepted"] / d["drafts"] if d["drafts"] else None}
+                for c, d in per_cat.items()}}
+
+
+def interleaved_runs(target: str, specs: dict[str, dict | None], prompts: list[tuple[str, str]], reps: int,
+                     max_tokens: int) -> list[dict]:
+    """reps x specs at batch 1, every run in its own spawned process (run_method), specs interleaved within a
+    repetition so that drift between processes shows up as spread: per repetition {name: mode_figures}."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=reps * len(specs), desc="runs", unit="run")
+    out = []
+    for _ in range(reps):
+        row = {}
+        for name, spec in specs.items():
+            per_cat, profile, _ = run_method(target, spec, prompts, 1, max_tokens)
+            row[name] = mode_figures(per_cat, profile)
+            bar.update(1)
+        out.append(row)
+    bar.close()
+    return out
 
 
 def main() -> None:
@@ -54,32 +78,20 @@ def main() -> None:
     ap.add_argument("--tag", default="smollm2_cpu")
     args = ap.parse_args()
 
-    from transformers import AutoTokenizer
-    from tqdm import tqdm
-
     from vllm_specx.eval_sets import load_prompt_set
     from vllm_specx.models import smollm2_path
 
-    tok = AutoTokenizer.from_pretrained(str(smollm2_path()))
-    prompts = [(c, tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False))
-               for c, t in load_prompt_set("spec_bench", per_category=args.per_category)]
+    target = str(smollm2_path())
+    prompts = chat_prompts(target, load_prompt_set("spec_bench", per_category=args.per_category))
     result = {"what": "cost of a target step with specx loaded (batch 1): none / no_draft / shipped, interleaved",
               "target": "SmolLM2-135M-Instruct", "drafter": args.drafter, "k": args.k, "prompts": len(prompts),
               "prompt_set": f"spec_bench, {args.per_category} per category", "max_tokens": args.max_tokens,
               "dtype": "float32", "eager": True, "machine": machine(),
-              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "reps": []}
-    target = str(smollm2_path())
-    bar = tqdm(total=args.reps * len(MODES), desc="runs", unit="run")
-    for _ in range(args.reps):
-        row = {}
-        for mode, env in MODES.items():
-            spec = None if env is None else {"method": "eagle3", "model": args.drafter, "num_speculative_tokens": args.k,
+              "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    specs = {mode: None if env is None else {"method": "eagle3", "model": args.drafter, "num_speculative_tokens": args.k,
                                              "env": {**env, "SPECX_PROFILE_DRAFT": "1"}}
-            per_cat, profile, _ = run_method(target, spec, prompts, 1, args.max_tokens)  # its own spawned process
-            row[mode] = mode_figures(per_cat, profile)
-            bar.update(1)
-        result["reps"].append(row)
-    bar.close()
+             for mode, env in MODES.items()}
+    result["reps"] = interleaved_runs(target, specs, prompts, args.reps, args.max_tokens)
     summary = {}
     for mode in MODES:
         ms = [r[mode]["ms_per_target_pass"] for r in result["reps"]]

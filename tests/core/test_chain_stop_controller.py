@@ -192,12 +192,18 @@ def _lookup_batch():
     return tokens, np.array([len(row0), 6, 0, 0])
 
 
-def _weak_draft_step(ctl):
-    """A draft step where the drafter is unsure for both requests (both stop at depth 0)."""
+def _weak_draft_step(ctl, tokens, lengths):
+    """One engine step for requests "a", "b" (each just had 1 token emitted, no draft accepted): lookup
+    chains found, the drafter unsure for both (both stop at depth 0); returns the lookup chains chosen."""
+    ctl.feedback(["a", "b"], [1, 1])
+    ctl.lookup.find(["a", "b"], tokens, lengths, None, k=4, max_model_len=100)
+    ctl.begin(armed=True)
     try:
         ctl.observe(torch.randn(2, 8), _logits([0.2, 0.2]))
     except _AllStopped:
         pass
+    ctl.finish()
+    return ctl.lookup_chains(["a", "b"])
 
 
 def _lookup_controller(confidence_model, threshold=0.3):
@@ -211,23 +217,13 @@ def _lookup_controller(confidence_model, threshold=0.3):
 def test_lookup_chain_replaces_a_weak_drafter_chain_and_learns_from_rejections(confidence_model):
     ctl = _lookup_controller(confidence_model)
     tokens, lengths = _lookup_batch()
-    ctl.feedback(["a", "b"], [1, 1])
-    ctl.lookup.find(["a", "b"], tokens, lengths, None, k=4, max_model_len=100)
-    ctl.begin(armed=True)
-    _weak_draft_step(ctl)
-    ctl.finish()
-    chains = ctl.lookup_chains(["a", "b"])
+    chains = _weak_draft_step(ctl, tokens, lengths)
     assert chains[0] == [7, 8, 9, 5][: len(chains[0])] and len(chains[0]) >= 2  # 0.9, 0.81, 0.73, ... >= 0.3
     assert chains[1] is None  # no match: the drafter's chain (here: nothing) stays
     first_len = len(chains[0])
     # the target rejects the lookup's first token, several steps in a row: the request's scale drops
     for _ in range(6):
-        ctl.feedback(["a", "b"], [1, 1])
-        ctl.lookup.find(["a", "b"], tokens, lengths, None, k=4, max_model_len=100)
-        ctl.begin(armed=True)
-        _weak_draft_step(ctl)
-        ctl.finish()
-        chains = ctl.lookup_chains(["a", "b"])
+        chains = _weak_draft_step(ctl, tokens, lengths)
     assert chains[0] is None or len(chains[0]) < first_len
     assert ctl.lookup.stats["accepted"] == 0 and ctl.lookup.stats["chosen"] >= 2
 

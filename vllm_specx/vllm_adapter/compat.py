@@ -85,7 +85,7 @@ INTERNALS: tuple[Internal, ...] = (
              "candidates read input_batch.token_ids_cpu [max_reqs, max_len] and num_tokens_no_spec [max_reqs] "
              "(numpy; what vLLM's ngram proposer reads) and runner.max_model_len before drafting; when "
              "propose_draft_token_ids gets the sampler's tensor the step's tokens are not written there yet "
-             "(EAGLE drafts before bookkeeping) and are appended from it"
+             "(EAGLE drafts before bookkeeping) and are appended from it "
              "(tests/vllm/test_lookup.py runs that path)",
              is_class=True, runner="v1"),
     Internal("vllm.v1.spec_decode.metadata:SpecDecodeMetadata",

@@ -266,32 +266,34 @@ class LookupCandidates:
             self._chains[r] = lookup_continuation(context, self.min_n, max_n,
                                                   max(0, min(k, max_model_len - context.size - 1)))
 
+    def _path_probs(self, req_ids: list[str]) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        """Per request: (this step's lookup chain, its path probabilities under the request's online
+        scale), or None when its context has no repeated suffix n-gram."""
+        scales = self.calibration.scales(req_ids).tolist()
+        out = []
+        for r, scale in zip(req_ids, scales):
+            chain, n = self._chains.get(r, (None, 0))
+            out.append((chain, self.table.path_probs(n, chain.size, scale)) if n else None)
+        return out
+
     def preempts(self, req_ids: list[str], threshold: float) -> bool:
         """True when every request's lookup chain is expected to yield >= preempt_expected accepted
         tokens: the drafter (whose chains rarely expect more than one) then skips its LM head."""
-        scales = self.calibration.scales(req_ids).tolist()
-        for r, scale in zip(req_ids, scales):
-            chain, n = self._chains.get(r, (None, 0))
-            if not n:
-                return False
-            probs = self.table.path_probs(n, chain.size, scale)
-            if float(probs[probs >= threshold].sum()) < self.preempt_expected:
-                return False
-        return bool(req_ids)
+        return bool(req_ids) and all(
+            c is not None and float(c[1][c[1] >= threshold].sum()) >= self.preempt_expected
+            for c in self._path_probs(req_ids))
 
     def choose(self, req_ids: list[str], threshold: float, drafter_expected: list[float]) -> list[list[int] | None]:
         """Per request: the lookup chain to verify instead of the drafter's, or None."""
-        scales = self.calibration.scales(req_ids).tolist()
         out = []
-        for r, scale, expected in zip(req_ids, scales, drafter_expected):
-            chain, n = self._chains.get(r, (None, 0))
-            probs = self.table.path_probs(n, chain.size, scale) if n else None
-            keep = lookup_tokens_to_verify(probs, threshold, expected) if n else 0
+        for r, candidate, expected in zip(req_ids, self._path_probs(req_ids), drafter_expected):
+            keep = lookup_tokens_to_verify(candidate[1], threshold, expected) if candidate is not None else 0
             if keep:
+                chain, probs = candidate
                 self._verifying[r] = (keep, float(probs[:keep].sum()))
                 self.stats["chosen"] += 1
                 self.stats["tokens"] += keep
-            out.append(chain[:keep].tolist() if keep else None)
+            out.append(candidate[0][:keep].tolist() if keep else None)
         return out
 
 
