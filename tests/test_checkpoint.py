@@ -40,6 +40,8 @@ def test_good_config_roundtrip(tmp_path):
     (lambda d: d.update(lookup={"first_accept": [0.5, 0.9], "deeper_accept": [0.5]}),
      "lists of equal length"),
     (lambda d: d.update(lookup={"first_accept": [1.5], "deeper_accept": [0.5]}), "lists of equal length"),
+    (lambda d: d.update(lookup={"first_accept": [0.5], "deeper_accept": [0.5], "preempt_expected": 0}),
+     "lookup.preempt_expected"),
     (lambda d: d.update(lookup={"first_accept": [0.5], "deeper_accept": [0.5], "min_n": 2}),
      "lookup.min_n must be an integer in [1, 1]"),
     (lambda d: d.update(lookup={"enabled": "yes", "first_accept": [0.5], "deeper_accept": [0.5]}),

@@ -22,6 +22,7 @@ import functools
 import json
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -156,15 +157,58 @@ def calibrate(target: str, drafter: str, batch_sizes: list[int], ks: list[int], 
     return path
 
 
+MACHINES_DIR = "cost_models"  # DRAFTER/cost_models/<machine>/cost_model*.json: other machines' measurements
+
+
+def machine_folder_name(machine: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", machine).strip("_") or "unknown"
+
+
+def cost_model_candidates(drafter: str | Path, name: str) -> list[Path]:
+    """Files named `name` that may hold a cost model for this drafter: DRAFTER/name, then one per
+    machine under DRAFTER/cost_models/ (a drafter shipped to several kinds of machine carries one each)."""
+    root = Path(drafter)
+    return [p for p in [root / name, *sorted(root.glob(f"{MACHINES_DIR}/*/{name}"))] if p.is_file()]
+
+
+def find_cost_model(drafter: str | Path, names: list[str], machine: str | None = None):
+    """The first cost model measured on `machine` (default: this one), trying `names` in order, each at
+    the top of the drafter folder and then per machine. Returns (CostModel or None, its path or None,
+    the machines of the files that did not match, for the caller's warning)."""
+    from vllm_specx.core.cost_model import CostModel
+
+    machine = machine or machine_id()
+    others: list[str] = []
+    for name in names:
+        for path in cost_model_candidates(drafter, name):
+            model = CostModel.load(path)
+            if model.machine == machine:
+                return model, path, others
+            others.append(model.machine)
+    return None, None, others
+
+
 def default_cost_model_path(drafter: str) -> Path:
     """cost_model.json for the checkpoint's own LM-head mode; cost_model.<mode>.json when SPECX_VOCAB
-    selects another (a draft step's cost depends on the head; the loader prefers the matching file)."""
+    selects another (a draft step's cost depends on the head; the loader prefers the matching file).
+    When that file already holds another machine's measurements it is kept, and this machine's go to
+    cost_models/<this machine>/ instead: calibrating on a second kind of machine loses nothing."""
     from vllm_specx.checkpoint import load_specx_config
+    from vllm_specx.core.cost_model import CostModel
     from vllm_specx.vllm_adapter.vocab_head import vocab_mode
 
     specx = load_specx_config(drafter)
     mode = vocab_mode(specx)
-    return Path(drafter) / ("cost_model.json" if mode == specx.vocab_mode else f"cost_model.{mode}.json")
+    name = "cost_model.json" if mode == specx.vocab_mode else f"cost_model.{mode}.json"
+    top = Path(drafter) / name
+    if not top.is_file():
+        return top
+    try:
+        theirs = CostModel.load(top).machine
+    except Exception:  # an unreadable file is replaced, as before
+        return top
+    here = machine_id()
+    return top if theirs == here else Path(drafter) / MACHINES_DIR / machine_folder_name(here) / name
 
 
 def summary(path: Path, batch_sizes: list[int]) -> str:
@@ -190,7 +234,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 4], help="draft lengths measured besides 0")
     parser.add_argument("--max-tokens", type=int, default=24, help="tokens generated per request per run")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--out", default=None, help="cost-model file (default: DRAFTER/cost_model.json)")
+    parser.add_argument("--out", default=None, help="cost-model file (default: DRAFTER/cost_model.json, or "
+                        "DRAFTER/cost_models/<this machine>/cost_model.json when the former was measured elsewhere)")
 
 
 def run(args) -> int:

@@ -103,10 +103,10 @@ class SpecxConfig:
         lk = self.lookup
         if not lk:
             return
-        unknown = set(lk) - {"enabled", "min_n", "first_accept", "deeper_accept", "report", "command"}
+        unknown = set(lk) - {"enabled", "min_n", "first_accept", "deeper_accept", "preempt_expected", "report", "command"}
         if unknown:
             raise SpecxConfigError(f"specx_config.json: unknown lookup keys {sorted(unknown)}; allowed: enabled, "
-                                   "min_n, first_accept, deeper_accept, report, command")
+                                   "min_n, first_accept, deeper_accept, preempt_expected, report, command")
         if not isinstance(lk.get("enabled", False), bool):
             raise SpecxConfigError("specx_config.json: lookup.enabled must be true or false")
         first, deeper = lk.get("first_accept"), lk.get("deeper_accept")
@@ -117,6 +117,10 @@ class SpecxConfig:
             raise SpecxConfigError("specx_config.json: lookup.first_accept and lookup.deeper_accept must be lists "
                                    "of equal length (1-32) of probabilities, one per matched n-gram length; fit them "
                                    "with `vllm-specx train --stages lookup`")
+        preempt = lk.get("preempt_expected", 1.0)
+        if isinstance(preempt, bool) or not isinstance(preempt, (int, float)) or not 0.0 < preempt <= 64.0:
+            raise SpecxConfigError("specx_config.json: lookup.preempt_expected (expected accepted lookup tokens above "
+                                   f"which the drafter's head is skipped) must be a number in (0, 64], got {preempt!r}")
         min_n = lk.get("min_n", 1)
         if not _is_int(min_n) or not 1 <= min_n <= len(first):
             raise SpecxConfigError(f"specx_config.json: lookup.min_n must be an integer in [1, {len(first)}], got {min_n!r}")

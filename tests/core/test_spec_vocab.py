@@ -38,6 +38,17 @@ def test_speculative_head_with_every_token_a_candidate_equals_the_full_head():
     assert int(torch.isfinite(out).sum()) == 5 * 8  # only the k kept entries are finite
 
 
+def test_early_stop_summary_of_the_kept_logprobs_equals_that_of_the_whole_row():
+    """Early stop summarises the head's k finite log-probs instead of scanning the [B, V] row."""
+    w, x = _head()
+    a, b = S.svd_projection(w, 8)
+    row, topk = S.speculative_vocab_logprobs(x, w, a, b, num_candidates=40, k=6, with_topk=True)
+    assert torch.equal(row, S.speculative_vocab_logprobs(x, w, a, b, num_candidates=40, k=6))
+    assert torch.equal(row.topk(6, dim=-1).values, topk)
+    for got, want in zip(S.summarise_logprobs(topk), S.summarise_logprobs(row)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_speculative_head_normalises_over_the_candidates_not_the_vocabulary():
     w, x = _head()
     a, b = S.svd_projection(w, 4)  # a poor projection: candidates miss some full-head winners

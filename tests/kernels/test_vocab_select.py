@@ -41,6 +41,16 @@ def test_selects_the_top_c_low_rank_scores(batch, hidden, rank, vocab, num_cand)
     assert (got_scores[:, :-1] >= got_scores[:, 1:] - 1e-4).all()
 
 
+@pytest.mark.parametrize("batch,vocab,num_cand", [(1, 49152, 2048), (5, 32003, 777), (3, 100, 100), (2, 50, 1)])
+def test_unordered_selection_is_the_same_set(batch, vocab, num_cand):
+    """ordered=False (the serving path: numpy introselect on CPU) returns the top-C set in any order."""
+    scores = torch.randn(batch, vocab, generator=torch.Generator().manual_seed(vocab))
+    ordered = vs.top_candidates(scores.clone(), num_cand)
+    unordered = vs.top_candidates(scores.clone(), num_cand, ordered=False)
+    assert unordered.shape == ordered.shape and unordered.dtype == torch.int64
+    assert torch.equal(unordered.sort(dim=-1).values, ordered.sort(dim=-1).values)
+
+
 @pytest.mark.parametrize("batch,vocab,num_cand", [(1, 1000, 1000), (5, 32003, 777), (64, 5000, 4999)])
 def test_candidates_are_unique_per_row(batch, vocab, num_cand):
     h, proj_a, proj_b = make_projections(batch, 64, 16, vocab, seed=vocab)

@@ -133,6 +133,29 @@ def test_cost_model_of_another_machine_is_ignored(edd_always_confident, tmp_path
     assert elsewhere.drafting_pays(64) and elsewhere.threshold_for_batch(64) == es["threshold"]
 
 
+def test_cost_model_of_this_machine_is_found_beside_another_machines(edd_always_confident, tmp_path):
+    """A drafter shipped to two kinds of machine carries one cost model each (cost_models/<machine>/);
+    calibrating on a second machine writes there and keeps the first machine's file."""
+    from vllm_specx.calibrate import MACHINES_DIR, default_cost_model_path, find_cost_model, machine_id
+    from vllm_specx.checkpoint import load_specx_config
+    from vllm_specx.vllm_adapter.draft_length import load_controller
+
+    folder = tmp_path / "drafter"
+    shutil.copytree(edd_always_confident[False], folder)
+    es = load_specx_config(folder).early_stop
+    assert default_cost_model_path(str(folder)) == folder / "cost_model.json"  # nothing there yet
+    _cost_model_where_drafting_stops_paying_above_batch_8("another GPU x8").save(folder / "cost_model.json")
+    ours = default_cost_model_path(str(folder))
+    assert ours.parent.parent == folder / MACHINES_DIR and ours.name == "cost_model.json"
+    assert load_controller(folder, es, 3).threshold_for_batch(64) == es["threshold"]  # only the foreign file
+    _cost_model_where_drafting_stops_paying_above_batch_8().save(ours)
+    model, path, others = find_cost_model(folder, ["cost_model.json"])
+    assert path == ours and model.machine == machine_id() and others == ["another GPU x8"]
+    here = load_controller(folder, es, 3)
+    assert not here.drafting_pays(64) and here.drafting_pays(1)
+    assert default_cost_model_path(str(folder)) == ours  # recalibrating here replaces this machine's file only
+
+
 def test_cost_model_measured_in_the_active_vocab_mode_wins(edd_always_confident, tmp_path):
     """A draft step's cost depends on the LM-head mode: `cost_model.<mode>.json` is used in that mode."""
     from vllm_specx.checkpoint import load_specx_config

@@ -152,9 +152,9 @@ def test_speculative_head_hands_large_batches_to_the_full_head(tiny_target, tiny
     rows_seen = []
     orig = VocabSubsetHead.forward
 
-    def counting_forward(self, hidden, lm_head_weight):
+    def counting_forward(self, hidden, lm_head_weight, **kwargs):
         rows_seen.append(hidden.shape[0])
-        return orig(self, hidden, lm_head_weight)
+        return orig(self, hidden, lm_head_weight, **kwargs)
 
     monkeypatch.setattr(VocabSubsetHead, "forward", counting_forward)  # the engine runs in this process
     from prometheus_client import REGISTRY

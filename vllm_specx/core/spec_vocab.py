@@ -92,15 +92,17 @@ def speculative_vocab_logprobs(
     k: int,  # log-probs kept per row
     score: Callable[[torch.Tensor], torch.Tensor] | None = None,  # z [B, r] -> z @ proj_b.T (a faster GEMM)
     compiled_kernel_only: bool = False,  # never the Triton *interpreter* (a test device, far too slow to serve)
-) -> torch.Tensor:  # [B, V]: top-k log-probs (normalised over the C candidates), -inf elsewhere
+    with_topk: bool = False,  # also return the k log-probs [B, k] (the row's finite entries, unscattered)
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # [B, V]: top-k log-probs (normalised over the C candidates), -inf elsewhere
     if score is None:
         scores = lowrank_scores_reference(hidden, proj_a, proj_b)  # [B, V]
     else:
         scores = score(hidden.float() @ proj_a.float()).float()  # z [B, r] through the caller's GEMM
-    cand_ids = top_candidates(scores, num_candidates)  # [B, C]
+    cand_ids = top_candidates(scores, num_candidates, ordered=False)  # [B, C], a set: order is irrelevant
     subset_topk = topk_lm_head_reference if compiled_kernel_only and hidden.device.type != "cuda" else topk_lm_head
     ids, logprobs, _ = subset_topk(hidden, lm_head_weight, cand_ids, k)  # [B, k] each
-    return scatter_logprobs(ids, logprobs, lm_head_weight.shape[0])
+    row = scatter_logprobs(ids, logprobs, lm_head_weight.shape[0])
+    return (row, logprobs) if with_topk else row
 
 
 def summarise_logprobs(logprobs: torch.Tensor, k: int = 2) -> tuple[torch.Tensor, torch.Tensor]:

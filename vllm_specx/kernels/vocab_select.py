@@ -17,7 +17,9 @@ Output order: candidates sorted by descending approximate score (forced ids firs
 together with the (logit desc, position asc) tie rule of `topk_lm_head` means equal exact
 logits are broken in favour of the better approximate score. Ties of approximate scores
 at the C-th place are broken by torch.topk (unspecified). Ids are unique per row by
-construction (top-C over distinct vocabulary positions).
+construction (top-C over distinct vocabulary positions). With ordered=False (the serving
+path, where the order buys nothing measurable) the same set comes in selection order, so equal
+exact logits are broken by that order instead.
 
 No Triton version yet: on a GPU the scoring is a skinny [B, r] x [r, V] GEMM that cuBLAS
 already runs at the bandwidth of reading proj_b, and top-C with C ~ 2048 is a selection
@@ -27,6 +29,7 @@ score round trip (B * V * 4 bytes).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 # Upper bound on elements of proj_b upcast to fp32 at once (when it is stored in 16 bits).
@@ -73,7 +76,8 @@ def top_candidates(
     scores: torch.Tensor,  # [B, V] fp32 approximate scores (modified in place when ids are forced)
     num_candidates: int,  # C, 1 <= C <= V
     always_include: torch.Tensor | None = None,  # [B, m] ids forced into the set, -1 = padding
-) -> torch.Tensor:  # [B, C] int64 unique vocabulary ids, best approximate score first
+    ordered: bool = True,  # False: the same set in any order (a subset head does not need the order)
+) -> torch.Tensor:  # [B, C] int64 unique vocabulary ids, best approximate score first when ordered
     """The selection half of `select_candidates_reference`, for scores computed by any GEMM."""
     vocab_size = scores.shape[1]
     if not 1 <= num_candidates <= vocab_size:
@@ -90,5 +94,9 @@ def top_candidates(
         boost = torch.where(is_forced, float("inf"), float("-inf"))  # [B, m]
         scores.scatter_reduce_(1, forced.clamp_min(0), boost, reduce="amax")
 
-    _, cand_ids = torch.topk(scores, num_candidates, dim=-1, sorted=True)  # [B, C]
+    if not ordered and scores.device.type == "cpu" and scores.dtype == torch.float32 and num_candidates < vocab_size:
+        # introselect: ~8x faster than torch.topk for 2048 of 49152 on CPU (0.07 vs 0.55 ms a row here)
+        part = np.argpartition(-scores.numpy(), num_candidates - 1, axis=-1)[:, :num_candidates]
+        return torch.from_numpy(np.ascontiguousarray(part)).long()
+    _, cand_ids = torch.topk(scores, num_candidates, dim=-1, sorted=ordered)  # [B, C]
     return cand_ids

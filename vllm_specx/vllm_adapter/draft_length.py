@@ -128,9 +128,12 @@ class ChainStopController:
         if self._skipping and self._armed and self._depth == 0:
             raise _AllStopped(torch.empty((batch_size, 0), dtype=torch.long, device=device))
 
-    def observe(self, normed_hidden: torch.Tensor, logits: torch.Tensor, logprobs: bool = False) -> None:
+    def observe(self, normed_hidden: torch.Tensor, logits: torch.Tensor, logprobs: bool = False,
+                topk_logprobs: torch.Tensor | None = None) -> None:
         """One draft step: normed_hidden [B, H], logits [B, V] (the token drafted is the argmax);
-        logprobs=True: the row holds log-probs of a subset head that may sum to < 1 (not renormalised)."""
+        logprobs=True: the row holds log-probs of a subset head that may sum to < 1 (not renormalised);
+        topk_logprobs [B, k]: that row's finite entries (the rest are -inf), summarised instead of the
+        row (same top probabilities and entropy, without a pass over the vocabulary)."""
         if not self._armed:
             return
         b = logits.shape[0]
@@ -147,7 +150,10 @@ class ChainStopController:
             self._sibling_threshold = thr if self.max_siblings > 0 and thr < 0.5 else None
         # log-probs of the proposal once per depth: a subset head already returns them (not renormalised)
         logp = logits.float() if logprobs else torch.log_softmax(logits.float(), dim=-1)
-        top, entropy = summarise_logprobs(logp, k=2) if logprobs else top_probs_and_entropy(logp, k=2)
+        if logprobs:
+            top, entropy = summarise_logprobs(logp if topk_logprobs is None else topk_logprobs, k=2)
+        else:
+            top, entropy = top_probs_and_entropy(logp, k=2)
         top, entropy = top.cpu(), entropy.cpu()
         depth = torch.full((b,), self._depth)
         feats = draft_step_features(normed_hidden.float().cpu(), top, entropy, depth, self._path_conf,
@@ -237,9 +243,12 @@ class LookupCandidates:
 
     table: LookupTable
     min_n: int = 1
-    preempt_expected: float = 2.0  # expected accepted lookup tokens above which the drafter's head is skipped
+    # Expected accepted lookup tokens above which every request's drafter head is skipped. 1.0 vs 2.0
+    # (batch 1, 12 Spec-Bench prompts): the same target passes and lookup chains chosen, 74 instead of 27
+    # steps without drafter levels, ~1 ms a pass less; 0.6 gave the same passes again.
+    preempt_expected: float = 1.0
     calibration: OnlineAcceptCalibration = field(default_factory=OnlineAcceptCalibration)
-    stats: dict = field(default_factory=lambda: {"chosen": 0, "tokens": 0, "accepted": 0})
+    stats: dict = field(default_factory=lambda: {"chosen": 0, "tokens": 0, "accepted": 0, "expected": 0.0})
     _chains: dict = field(default_factory=dict)   # req_id -> (chain np.ndarray, matched n), this step
     _verifying: dict = field(default_factory=dict)  # req_id -> (tokens proposed, expected accepted)
 
@@ -291,6 +300,7 @@ class LookupCandidates:
             if keep:
                 chain, probs = candidate
                 self._verifying[r] = (keep, float(probs[:keep].sum()))
+                self.stats["expected"] += self._verifying[r][1]
                 self.stats["chosen"] += 1
                 self.stats["tokens"] += keep
             out.append(candidate[0][:keep].tolist() if keep else None)
@@ -303,38 +313,39 @@ def load_controller(drafter_dir: str | Path, early_stop: dict, max_k: int,
     """The controller described by specx_config.json's `early_stop` section (None when absent/off).
     tree = {"max_siblings": m, optional "threshold"}: draft PCT trees (chain + pruned runner-up
     children, see core.tree); their node threshold is the cost model's, else tree.threshold, else
-    the early-stop threshold. vocab_mode: the LM-head mode in use; a cost model measured in that mode
-    (`cost_model.<mode>.json`, written by `vllm-specx calibrate` under SPECX_VOCAB=<mode>) wins over
-    the default file, since the head's mode changes the cost of a draft step.
-    lookup = {"first_accept": [...], "deeper_accept": [...], optional "min_n"}: prompt-lookup chains
+    the early-stop threshold. The cost model is the first one measured on this machine
+    (`calibrate.find_cost_model`: the drafter folder, then its cost_models/<machine>/ folders); one
+    measured in the LM-head mode in use, vocab_mode (`cost_model.<mode>.json`, written by `vllm-specx
+    calibrate` under SPECX_VOCAB=<mode>), wins over the default file, since the head's mode changes the
+    cost of a draft step.
+    lookup = {"first_accept": [...], "deeper_accept": [...], optional "min_n", "preempt_expected" (env
+    SPECX_LOOKUP_PREEMPT overrides it)}: prompt-lookup chains
     compete with the drafter's each step (`LookupCandidates`); None: the drafter's chains only."""
     if not early_stop or not early_stop.get("enabled", True) or "path" not in early_stop:
         return None
     folder = Path(drafter_dir) / early_stop["path"]
     model = load_early_stop(folder)
     proj = getattr(model, "hidden_proj", None)
-    cost_file = Path(drafter_dir) / early_stop.get("cost_model", "cost_model.json")
-    if vocab_mode is not None and (Path(drafter_dir) / f"cost_model.{vocab_mode}.json").exists():
-        cost_file = Path(drafter_dir) / f"cost_model.{vocab_mode}.json"
     forced = os.environ.get("SPECX_NODE_THRESHOLD")  # experiments: one fixed threshold for every node
     if forced is not None:
         early_stop = dict(early_stop, threshold=float(forced))
         tree = dict(tree or {}, threshold=float(forced))
-    if cost_file.exists() and forced is None:
-        from vllm_specx.calibrate import machine_id
-        from vllm_specx.core.cost_model import CostModel
+    cost = None
+    if forced is None:
+        from vllm_specx.calibrate import find_cost_model, machine_id
 
-        cost = CostModel.load(cost_file)
-        if cost.machine != machine_id():
+        names = [early_stop.get("cost_model", "cost_model.json")]
+        if vocab_mode is not None:
+            names.insert(0, f"cost_model.{vocab_mode}.json")
+        cost, _, elsewhere = find_cost_model(drafter_dir, names)
+        if cost is None and elsewhere:
             from vllm.logger import init_logger
 
             init_logger(__name__).warning(
-                "vllm-specx: %s was measured on %r, this machine is %r: ignoring it (node threshold %s). "
-                "Run `vllm-specx calibrate --drafter %s` here to fit drafting to this machine.",
-                cost_file, cost.machine, machine_id(), early_stop.get("threshold", DEFAULT_THRESHOLD), drafter_dir)
-            cost = None
-    else:
-        cost = None
+                "vllm-specx: the cost models in %s were measured on %s, this machine is %r: ignoring them (node "
+                "threshold %s). Run `vllm-specx calibrate --drafter %s` here to fit drafting to this machine.",
+                drafter_dir, sorted(set(elsewhere)), machine_id(), early_stop.get("threshold", DEFAULT_THRESHOLD),
+                drafter_dir)
     if cost is not None:
 
         def threshold(batch_size: int) -> float:
@@ -377,7 +388,8 @@ def load_controller(drafter_dir: str | Path, early_stop: dict, max_k: int,
         metrics=specx_metrics(), payoff=payoff, max_siblings=int(tree.get("max_siblings", 0)),
         sibling_threshold_for_batch=sibling_threshold,
         lookup=None if lookup is None else LookupCandidates(
-            LookupTable(tuple(lookup["first_accept"]), tuple(lookup["deeper_accept"])), int(lookup.get("min_n", 1))))
+            LookupTable(tuple(lookup["first_accept"]), tuple(lookup["deeper_accept"])), int(lookup.get("min_n", 1)),
+            preempt_expected=float(os.environ.get("SPECX_LOOKUP_PREEMPT", lookup.get("preempt_expected", 1.0)))))
 
 
 def _controller_of(proposer) -> ChainStopController | None:

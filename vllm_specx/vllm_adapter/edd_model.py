@@ -188,14 +188,15 @@ class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
         subset = self.vocab_head is not None and self.vocab_head.pays(hidden_states.shape[0])
         if self.vocab_head is not None and self._metrics is not None:
             (self._metrics.vocab_subset_rows if subset else self._metrics.vocab_full_rows).inc(hidden_states.shape[0])
+        topk_logprobs = None  # [B, k]: the subset row's finite entries, when the head has them at hand
         with draft_profile.timed("head", hidden_states.device):
             if subset:
-                logits = self.vocab_head(hidden_states, self.lm_head.weight)
+                logits, topk_logprobs = self.vocab_head(hidden_states, self.lm_head.weight, with_topk=True)
             else:
                 logits = self.logits_processor(self.lm_head, hidden_states)
         if self.draft_length is not None and logits is not None:
             # may end the drafting loop early
-            self.draft_length.observe(hidden_states, logits, logprobs=subset)
+            self.draft_length.observe(hidden_states, logits, logprobs=subset, topk_logprobs=topk_logprobs)
         return logits
 
     def combine_hidden_states(self, hidden_states: torch.Tensor) -> torch.Tensor:

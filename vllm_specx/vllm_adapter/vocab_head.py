@@ -84,18 +84,21 @@ class VocabSubsetHead(nn.Module):
         """False: the caller should use the full head for this step (speculative mode, large batch)."""
         return self.mode != "speculative" or batch_size <= self.max_batch
 
-    def forward(self, hidden: torch.Tensor, lm_head_weight: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, lm_head_weight: torch.Tensor, with_topk: bool = False):
+        """[B, V] log-probs (-inf outside the subset); with_topk: (that row, its k finite log-probs [B, k],
+        or None in fixed mode), which early stop summarises instead of scanning the whole row."""
         weight = lm_head_weight[: self.vocab_size]  # vLLM pads the head's rows to a multiple of 64
         if self.mode == "speculative":
             return speculative_vocab_logprobs(hidden, weight, self.proj_a, self.proj_b,
                                               self.num_candidates, self.return_topk, score=self._score,
-                                              compiled_kernel_only=True)
+                                              compiled_kernel_only=True, with_topk=with_topk)
         key = weight.data_ptr()
         if self._fixed_rows is None or self._fixed_rows[0] != key:
             rows = weight.index_select(0, self.fixed_ids).contiguous()
             self._fixed_rows = (key, rows, cpu_packed_linear(rows))
         _, rows, linear = self._fixed_rows
-        return fixed_vocab_logprobs(hidden, rows, self.fixed_ids, self.vocab_size, linear=linear)
+        row = fixed_vocab_logprobs(hidden, rows, self.fixed_ids, self.vocab_size, linear=linear)
+        return (row, None) if with_topk else row
 
 
 def cpu_packed_linear(weight: torch.Tensor):
