@@ -96,7 +96,7 @@ def top_candidates(
 
     if not ordered and scores.device.type == "cpu" and scores.dtype == torch.float32 and num_candidates < vocab_size:
         # introselect: ~8x faster than torch.topk for 2048 of 49152 on CPU (0.07 vs 0.55 ms a row here)
-        part = np.argpartition(-scores.numpy(), num_candidates - 1, axis=-1)[:, :num_candidates]
+        part = np.argpartition(-scores.detach().numpy(), num_candidates - 1, axis=-1)[:, :num_candidates]
         return torch.from_numpy(np.ascontiguousarray(part)).long()
     _, cand_ids = torch.topk(scores, num_candidates, dim=-1, sorted=ordered)  # [B, C]
     return cand_ids
