@@ -48,6 +48,8 @@ def test_good_config_roundtrip(tmp_path):
      "lookup.enabled must be true or false"),
     (lambda d: d.update(lookup={"enabled": True, "first_accept": [0.5], "deeper_accept": [0.5]}),
      "lookup needs the early_stop section"),
+    (lambda d: d.update(early_stop={"path": "early_stop", "skip_forward": "yes"}),
+     "early_stop.skip_forward must be true or false"),
 ])
 def test_bad_configs_are_named(mutation, message):
     data = json.loads(json.dumps(GOOD))

@@ -139,7 +139,7 @@ class SpecxConfig:
         threshold = es.get("threshold", 0.0)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
             raise SpecxConfigError(f"specx_config.json: early_stop.threshold must be a number in [0, 1], got {threshold!r}")
-        for flag in ("enabled", "online_calibration", "step_payoff"):
+        for flag in ("enabled", "online_calibration", "step_payoff", "skip_forward"):
             if not isinstance(es.get(flag, True), bool):
                 raise SpecxConfigError(f"specx_config.json: early_stop.{flag} must be true or false")
         if "cost_model" in es and not isinstance(es["cost_model"], str):

@@ -256,3 +256,34 @@ def test_a_strong_lookup_match_for_every_request_skips_the_drafters_head(confide
     ctl.lookup.find(["a", "b"], tokens, lengths, None, k=4, max_model_len=100)
     ctl.begin(armed=True)
     assert not ctl.skip_step(2)
+
+
+def test_forward_is_skipped_only_on_decode_steps_of_requests_the_drafter_has_seen(confidence_model):
+    """skip_forward: a step that does not pay returns before the drafter's forward only when every request
+    is decoding and its prompt went through the drafter (else its KV cache would miss a prompt)."""
+    ctl = ChainStopController(DraftLengthPolicy(4, confidence_model), None, lambda b: 0.3,
+                              drafting_pays=lambda b: b < 2, skip_forward=True)
+
+    def step(req_ids, num_sampled):  # what the runner wrappers do in one engine step
+        ctl.feedback(req_ids, num_sampled)
+        ctl.begin(armed=True)
+        skipped = ctl.skip_step(len(req_ids)) and ctl.forward_skipped()
+        if not skipped:
+            ctl.forward_ran()
+        ctl.finish()
+        return skipped
+
+    assert not step(["a", "b"], [0, 0])  # partial prefills: the drafter must see the prompts
+    assert not step(["a", "b"], [1, 1])  # last prefill chunk: its tokens go through the drafter
+    assert step(["a", "b"], [1, 1]) and step(["a", "b"], [2, 1])  # decoding at a size that does not pay
+    assert not step(["a", "b", "c"], [1, 1, 0])  # c is prefilling
+    assert not step(["a", "b", "c"], [1, 1, 1])  # c's prompt is not in the drafter's KV yet
+    assert step(["a", "b", "c"], [1, 1, 1])
+    assert not step(["b"], [1])  # batch 1 pays: the drafter drafts (a and c finished)
+    assert not step(["a2", "b"], [1, 1])  # a new request (or one resumed after preemption)
+    assert ctl.stats["forward_skipped"] == 3
+    off = ChainStopController(DraftLengthPolicy(4, confidence_model), None, lambda b: 0.3,
+                              drafting_pays=lambda b: False)
+    off.feedback(["a", "b"], [1, 1]), off.begin(armed=True), off.forward_ran(), off.finish()
+    off.feedback(["a", "b"], [1, 1]), off.begin(armed=True)
+    assert off.skip_step(2) and not off.forward_skipped()  # skip_forward off: the head only

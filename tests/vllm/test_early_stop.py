@@ -118,6 +118,49 @@ def test_cost_model_turns_drafting_off_at_large_batch(tiny_target, edd_always_co
     assert big.metrics.num_drafts < 0.2 * 64 * 31, big.metrics
 
 
+def test_steps_that_do_not_pay_can_skip_the_drafters_forward_losslessly(tiny_target, edd_always_confident,
+                                                                        tiny_plain_outputs, tmp_path, monkeypatch):
+    """skip_forward (SPECX_SKIP_FORWARD=1): at batch sizes where drafting does not pay, decode-only steps
+    return before the drafter's forward; prefills still run it, and outputs stay those of plain decoding
+    also when drafting resumes with holes in the drafter's KV cache (as requests finish)."""
+    from vllm_specx.vllm_adapter.draft_length import ChainStopController
+
+    folder = tmp_path / "drafter"
+    shutil.copytree(edd_always_confident[False], folder)
+    _cost_model_where_drafting_stops_paying_above_batch_8().save(folder / "cost_model.json")
+    skipped = []
+    orig = ChainStopController.forward_skipped
+
+    def counted(self):
+        out = orig(self)
+        skipped.append(out)
+        return out
+
+    monkeypatch.setattr(ChainStopController, "forward_skipped", counted)  # the engine runs in this process
+    monkeypatch.setenv("SPECX_SKIP_FORWARD", "1")
+    from vllm import SamplingParams
+
+    from vllm_specx.testing import make_llm, read_spec_metrics, shutdown
+
+    spec = {"method": "eagle3", "model": str(folder), "num_speculative_tokens": 3}
+    lengths = [4 + (i * 7) % 29 for i in range(64)]  # requests finish at different steps: the batch shrinks
+    llm = make_llm(tiny_target, spec, max_num_seqs=64)
+    try:
+        outs = llm.generate(many_prompts(64), [SamplingParams(temperature=0, max_tokens=m) for m in lengths],
+                            use_tqdm=False)
+        metrics = read_spec_metrics(llm)
+    finally:
+        shutdown(llm)
+    want = [t[:m] for t, m in zip(tiny_plain_outputs["many"].token_ids, lengths)]
+    assert_same_tokens(want, [list(o.outputs[0].token_ids) for o in outs])
+    assert sum(skipped) > 5, sum(skipped)  # decode steps with many requests in flight skipped the forward
+    assert metrics.num_drafts > 0  # the tail (few requests left) drafted again, over a KV cache with holes
+    skipped.clear()
+    one = run_generate(tiny_target, many_prompts(64)[:1], spec, max_tokens=32)
+    assert_same_tokens(tiny_plain_outputs["many"].token_ids[:1], one.token_ids)
+    assert not any(skipped) and one.metrics.num_drafts >= 0.5 * one.metrics.num_engine_steps
+
+
 def test_cost_model_of_another_machine_is_ignored(edd_always_confident, tmp_path):
     from vllm_specx.checkpoint import load_specx_config
     from vllm_specx.vllm_adapter.draft_length import load_controller

@@ -66,6 +66,13 @@ class ChainStopController:
     max_siblings: int = 0  # PCT: runner-up tokens per depth offered as alternative children (0: chains)
     sibling_threshold_for_batch: callable | None = None  # default: threshold_for_batch
     lookup: LookupCandidates | None = None  # prompt-lookup chains competing with the drafter's
+    # Steps that do not pay (cost model / payoff, not lookup preemption) also skip the drafter's forward
+    # when every request is decoding: faster at large batches, but the drafter's KV cache then has holes
+    # at those positions, which can only make its later drafts worse (never the output: lossless).
+    skip_forward: bool = False
+    _drafter_seen: set = field(default_factory=set)  # requests whose prompt the drafter has processed
+    _num_sampled: list[int] | None = None  # this step's feedback, aligned with _req_ids
+    _forward_skippable: bool = False
     _sibs: list = field(default_factory=list)  # per depth: (ids [B, m], probs [B, m], chain path prob [B])
     _trees: list | None = None  # per request: (node tokens, parents) of the step that just ran
     stats: dict = field(default_factory=lambda: {"steps": 0, "early_exits": 0, "kept": 0, "max_tokens": 0})
@@ -85,7 +92,8 @@ class ChainStopController:
     def feedback(self, req_ids: list[str], num_sampled: list[int]) -> None:
         """Before a step drafts: num_sampled[i] tokens were just emitted for req_ids[i] (accepted
         drafts + 1; 0 for a partial prefill). Feeds the calibration with the step now verified."""
-        self._req_ids = list(req_ids)
+        self._req_ids, self._num_sampled = list(req_ids), list(num_sampled)
+        self._drafter_seen &= set(req_ids)  # finished or preempted requests leave the batch
         if self.lookup is not None:
             self.lookup.feedback(req_ids, num_sampled)
         accepted = [max(n - 1, 0) if r in self._last else 0 for r, n in zip(req_ids, num_sampled)]
@@ -109,12 +117,16 @@ class ChainStopController:
         """True when drafting does not pay at this batch size (cost model, and what drafting steps at
         this batch size recently earned: `DraftingPayoff`), or when every request has a lookup chain
         the drafter would not beat (`LookupCandidates.preempts`): the drafter drafts nothing."""
-        self._skipping = False
+        self._skipping = self._forward_skippable = False
         preempted = self.lookup is not None and self._req_ids is not None and len(self._req_ids) == batch_size \
             and self.lookup.preempts(self._req_ids, float(self.threshold_for_batch(batch_size)))
         if not preempted and self.drafting_pays(batch_size) and (self.payoff is None or self.payoff.pays(batch_size)):
             return False
         self._skipping = True
+        # a decode-only step of requests whose prompts the drafter has seen may skip the forward too
+        self._forward_skippable = self.skip_forward and not preempted and self._num_sampled is not None \
+            and len(self._num_sampled) == batch_size and min(self._num_sampled, default=0) >= 1 \
+            and all(r in self._drafter_seen for r in self._req_ids)
         if preempted:  # every request has a lookup chain the drafter would not beat: skip its head
             self.stats["lookup_preempted"] = self.stats.get("lookup_preempted", 0) + 1
         self._lengths, self._armed, self._expected = [0] * batch_size, True, torch.zeros(batch_size)
@@ -122,6 +134,19 @@ class ChainStopController:
         if self.metrics is not None:
             self.metrics.skipped_steps.inc()
         return True
+
+    def forward_skipped(self) -> bool:
+        """After `skip_step`: True when this step skips the drafter's forward as well (counted)."""
+        if not self._forward_skippable:
+            return False
+        self._forward_skippable = False
+        self.stats["forward_skipped"] = self.stats.get("forward_skipped", 0) + 1
+        return True
+
+    def forward_ran(self) -> None:
+        """The drafter's forward ran this step: requests past their prefill are now known to it."""
+        if self._req_ids is not None and self._num_sampled is not None:
+            self._drafter_seen |= {r for r, n in zip(self._req_ids, self._num_sampled) if n >= 1}
 
     def before_head(self, batch_size: int, device=None) -> None:
         """Called by the drafter before its LM head: ends a skipped step's drafting with no tokens."""
@@ -365,6 +390,8 @@ def load_controller(drafter_dir: str | Path, early_stop: dict, max_k: int,
         env = os.environ.get("SPECX_STEP_PAYOFF")
         on = early_stop.get("step_payoff", False) if env is None else env == "1"
         payoff = DraftingPayoff(step_cost_ratio) if on else None
+        env = os.environ.get("SPECX_SKIP_FORWARD")
+        skip_forward = early_stop.get("skip_forward", False) if env is None else env == "1"
     else:
         fixed = float(early_stop.get("threshold", DEFAULT_THRESHOLD))
 
@@ -374,7 +401,7 @@ def load_controller(drafter_dir: str | Path, early_stop: dict, max_k: int,
         def drafting_pays(batch_size: int) -> bool:
             return True
 
-        payoff = None
+        payoff, skip_forward = None, False
     calibration = OnlineAcceptCalibration() if early_stop.get("online_calibration", True) else None
     from vllm_specx.vllm_adapter.prom_metrics import specx_metrics
 
@@ -385,7 +412,7 @@ def load_controller(drafter_dir: str | Path, early_stop: dict, max_k: int,
         sibling_threshold = lambda batch_size: fixed_sibling  # noqa: E731
     return ChainStopController(
         DraftLengthPolicy(max_k, model), proj, threshold, calibration=calibration, drafting_pays=drafting_pays,
-        metrics=specx_metrics(), payoff=payoff, max_siblings=int(tree.get("max_siblings", 0)),
+        metrics=specx_metrics(), payoff=payoff, skip_forward=skip_forward, max_siblings=int(tree.get("max_siblings", 0)),
         sibling_threshold_for_batch=sibling_threshold,
         lookup=None if lookup is None else LookupCandidates(
             LookupTable(tuple(lookup["first_accept"]), tuple(lookup["deeper_accept"])), int(lookup.get("min_n", 1)),
@@ -408,14 +435,18 @@ def _wrap_propose(orig):
         ctl.begin(armed=greedy_drafts and self.num_speculative_tokens > 1)
         next_token_ids = kwargs.get("next_token_ids", args[3] if len(args) > 3 else None)  # [B]
         if greedy_drafts:
-            # A skipped step still runs the drafter's forward over the new tokens (its KV cache stays
-            # complete, so later drafting is as good as if nothing was skipped) and stops right before
-            # the LM head (`before_head`): it saves the head and the deeper levels, not the forward.
-            ctl.skip_step(next_token_ids.shape[0])
+            # A skipped step runs the drafter's forward over the new tokens (its KV cache stays complete,
+            # so later drafting is as good as if nothing was skipped) and stops right before the LM head
+            # (`before_head`): it saves the head and the deeper levels. With skip_forward it may return
+            # before the forward too (`forward_skipped`).
+            if ctl.skip_step(next_token_ids.shape[0]) and ctl.forward_skipped():
+                return torch.empty((next_token_ids.shape[0], 0), dtype=torch.long, device=next_token_ids.device)
         try:
             return orig(self, num_speculative_tokens, *args, **kwargs)
         except _AllStopped as stop:
             return stop.tokens
+        finally:
+            ctl.forward_ran()
 
     propose.__specx_wrapped__ = True
     return propose
