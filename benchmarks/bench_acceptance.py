@@ -68,6 +68,30 @@ def chat_prompts(target: str, rows: list[tuple[str, str]]) -> list[tuple[str, st
             for c, t in rows]
 
 
+def add_batch1_arguments(ap: argparse.ArgumentParser, per_category: int) -> None:
+    """The options the batch-1 Spec-Bench benchmarks (step_overhead, lookup, paired) share."""
+    ap.add_argument("--drafter", default=str(ROOT / "vllm_specx/assets/edd-smollm2-135m"))
+    ap.add_argument("--per-category", type=int, default=per_category)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--tag", default="smollm2_cpu")
+
+
+def batch1_setup(args, what: str) -> tuple[str, list[tuple[str, str]], dict]:
+    """SmolLM2 target, its chat-templated Spec-Bench prompts, and the header of the result JSON that every
+    batch-1 benchmark writes (what it measured, on which machine, with which options)."""
+    from vllm_specx.eval_sets import load_prompt_set
+    from vllm_specx.models import smollm2_path
+
+    target = str(smollm2_path())
+    prompts = chat_prompts(target, load_prompt_set("spec_bench", per_category=args.per_category))
+    header = {"what": what, "target": "SmolLM2-135M-Instruct", "drafter": args.drafter, "k": args.k,
+              "prompts": len(prompts), "prompt_set": f"spec_bench, {args.per_category} per category",
+              "max_tokens": args.max_tokens, "dtype": "float32", "eager": True, "machine": machine(),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return target, prompts, header
+
+
 def run_method(target: str, spec: dict | None, prompts: list[tuple[str, str]], batch: int, max_tokens: int):
     """Each method in a fresh spawned process: engines do not share state, and vLLM 0.32 crashes when an
     EAGLE-style engine starts in a process where the ngram proposer already imported numba/llvmlite."""

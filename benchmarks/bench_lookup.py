@@ -20,11 +20,10 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_acceptance import RESULTS, chat_prompts, machine, method_config  # noqa: E402
+from bench_acceptance import RESULTS, add_batch1_arguments, batch1_setup, method_config  # noqa: E402
 from bench_step_overhead import interleaved_runs  # noqa: E402
 
 METHODS = ("none", "ngram", "edd", "edd_lookup")
@@ -41,27 +40,14 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     ap = argparse.ArgumentParser()
-    ap.add_argument("--drafter", default=str(Path(__file__).resolve().parents[1] / "vllm_specx/assets/edd-smollm2-135m"))
-    ap.add_argument("--per-category", type=int, default=4)
+    add_batch1_arguments(ap, per_category=4)
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--k", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--tag", default="smollm2_cpu")
     args = ap.parse_args()
     if "none" not in args.methods:
         raise SystemExit("--methods must include none: every figure is a ratio to it")
-
-    from vllm_specx.eval_sets import load_prompt_set
-    from vllm_specx.models import smollm2_path
-
-    target = str(smollm2_path())
-    prompts = chat_prompts(target, load_prompt_set("spec_bench", per_category=args.per_category))
-    result = {"what": "prompt-lookup candidates beside the EDD drafter (batch 1), methods interleaved per repetition",
-              "target": "SmolLM2-135M-Instruct", "drafter": args.drafter, "k": args.k, "prompts": len(prompts),
-              "prompt_set": f"spec_bench, {args.per_category} per category", "max_tokens": args.max_tokens,
-              "dtype": "float32", "eager": True, "machine": machine(),
-              "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    target, prompts, result = batch1_setup(
+        args, "prompt-lookup candidates beside the EDD drafter (batch 1), methods interleaved per repetition")
     specs = {name: method_spec(name, args.drafter, args.k) for name in args.methods}
     result["reps"] = interleaved_runs(target, specs, prompts, args.reps, args.max_tokens)
     result["summary"] = summarise(result["reps"], args.methods)

@@ -21,11 +21,10 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_acceptance import RESULTS, chat_prompts, machine  # noqa: E402
+from bench_acceptance import RESULTS, add_batch1_arguments, batch1_setup  # noqa: E402
 
 ENGINES = {"none": None, "edd": {"SPECX_LOOKUP": "0"}, "edd_lookup": {"SPECX_LOOKUP": "1"}}  # name -> env at build
 
@@ -67,21 +66,15 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the pairing needs every engine in this process
     ap = argparse.ArgumentParser()
-    ap.add_argument("--drafter", default=str(Path(__file__).resolve().parents[1] / "vllm_specx/assets/edd-smollm2-135m"))
-    ap.add_argument("--per-category", type=int, default=4)
-    ap.add_argument("--k", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--tag", default="smollm2_cpu")
+    add_batch1_arguments(ap, per_category=4)
     args = ap.parse_args()
 
     from tqdm import tqdm
 
-    from vllm_specx.eval_sets import load_prompt_set
-    from vllm_specx.models import smollm2_path
     from vllm_specx.testing import generate
 
-    target = str(smollm2_path())
-    prompts = chat_prompts(target, load_prompt_set("spec_bench", per_category=args.per_category))
+    target, prompts, result = batch1_setup(
+        args, "batch-1 wall time, engines in one process, each prompt run by every engine back to back (rotating order)")
     engines = {name: build(name, env, target, args.drafter, args.k) for name, env in ENGINES.items()}
     for llm in engines.values():
         generate(llm, [prompts[0][1]], max_tokens=8)  # warm-up
@@ -112,11 +105,7 @@ def main() -> None:
     for r in rows:
         for name in names:
             r[name].pop("token_ids")
-    result = {"what": "batch-1 wall time, engines in one process, each prompt run by every engine back to back (rotating order)",
-              "target": "SmolLM2-135M-Instruct", "drafter": args.drafter, "k": args.k, "prompts": len(prompts),
-              "prompt_set": f"spec_bench, {args.per_category} per category", "max_tokens": args.max_tokens,
-              "dtype": "float32", "eager": True, "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "summary": summary, "rows": rows}
+    result.update(summary=summary, rows=rows)
     out = RESULTS / f"paired_{args.tag}.json"
     out.write_text(json.dumps(result, indent=2))
     plot(result, out.with_suffix(".png"))

@@ -23,11 +23,10 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_acceptance import RESULTS, chat_prompts, machine, overall, run_method  # noqa: E402
+from bench_acceptance import RESULTS, add_batch1_arguments, batch1_setup, overall, run_method  # noqa: E402
 
 MODES = {"none": None, "no_draft": {"SPECX_NODE_THRESHOLD": "2"}, "shipped": {}}  # mode -> env (None: no drafter)
 
@@ -70,24 +69,11 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     ap = argparse.ArgumentParser()
-    ap.add_argument("--drafter", default=str(Path(__file__).resolve().parents[1] / "vllm_specx/assets/edd-smollm2-135m"))
-    ap.add_argument("--per-category", type=int, default=2)
+    add_batch1_arguments(ap, per_category=2)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--k", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--tag", default="smollm2_cpu")
     args = ap.parse_args()
-
-    from vllm_specx.eval_sets import load_prompt_set
-    from vllm_specx.models import smollm2_path
-
-    target = str(smollm2_path())
-    prompts = chat_prompts(target, load_prompt_set("spec_bench", per_category=args.per_category))
-    result = {"what": "cost of a target step with specx loaded (batch 1): none / no_draft / shipped, interleaved",
-              "target": "SmolLM2-135M-Instruct", "drafter": args.drafter, "k": args.k, "prompts": len(prompts),
-              "prompt_set": f"spec_bench, {args.per_category} per category", "max_tokens": args.max_tokens,
-              "dtype": "float32", "eager": True, "machine": machine(),
-              "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    target, prompts, result = batch1_setup(
+        args, "cost of a target step with specx loaded (batch 1): none / no_draft / shipped, interleaved")
     specs = {mode: None if env is None else {"method": "eagle3", "model": args.drafter, "num_speculative_tokens": args.k,
                                              "env": {**env, "SPECX_PROFILE_DRAFT": "1"}}
              for mode, env in MODES.items()}
