@@ -88,6 +88,7 @@ def batch1_setup(args, what: str) -> tuple[str, list[tuple[str, str]], dict]:
     header = {"what": what, "target": "SmolLM2-135M-Instruct", "drafter": args.drafter, "k": args.k,
               "prompts": len(prompts), "prompt_set": f"spec_bench, {args.per_category} per category",
               "max_tokens": args.max_tokens, "dtype": "float32", "eager": True, "machine": machine(),
+              "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("SPECX_")},
               "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     return target, prompts, header
 

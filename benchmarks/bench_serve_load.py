@@ -8,7 +8,9 @@ requests (greedy, streaming) are sent with at most C in flight. Reports output t
 the level's wall time), time to first token and inter-token latency percentiles (p50/p90/p99, from the
 streamed chunks' arrival times), and speculation counters read from /metrics before and after. A chunk
 can carry several tokens when drafts are accepted; inter-token latency is the chunk gap divided by its
-tokens. Writes benchmarks/results/serve_<tag>.json + .png.
+tokens. --reps N starts N servers per method, methods interleaved, and reports per level the repetition
+with the median throughput ratio to `none` of the same repetition (every repetition's figures beside it).
+Writes benchmarks/results/serve_<tag>.json + .png.
 """
 
 from __future__ import annotations
@@ -147,6 +149,22 @@ def serve_and_measure(target: str, spec: dict | None, prompts: list[str], levels
     return out
 
 
+def median_runs(reps: dict[str, list[dict]], levels: list[int]) -> dict:
+    """Per method and level: the repetition with the median throughput ratio to `none` of the same
+    repetition (the median throughput without `none`), plus every repetition's tokens/s and ratio."""
+    out = {}
+    for m, runs in reps.items():
+        out[m] = {}
+        for c in map(str, levels):
+            tps = [r[c]["tokens_per_s"] for r in runs]
+            ratios = [t / n[c]["tokens_per_s"] for t, n in zip(tps, reps["none"])] if "none" in reps else None
+            key = ratios or tps
+            median = sorted(range(len(key)), key=key.__getitem__)[(len(key) - 1) // 2]
+            out[m][c] = dict(runs[median][c], reps_tokens_per_s=tps, reps_throughput_vs_none=ratios,
+                             throughput_vs_none=ratios[median] if ratios else None)
+    return out
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -182,6 +200,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--tag", default="smollm2_cpu")
+    ap.add_argument("--reps", type=int, default=1, help="servers per method, methods interleaved; medians reported")
     args = ap.parse_args()
 
     from vllm_specx.models import smollm2_path
@@ -191,19 +210,18 @@ def main() -> None:
     specs = {m.split("=", 1)[0]: method_config(m, args.k) for m in args.methods}
     result = {"target": "SmolLM2-135M-Instruct", "concurrency": args.concurrency, "methods": list(specs),
               "speculative_configs": specs, "max_tokens": args.max_tokens, "min_requests": args.min_requests,
-              "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": {}}
+              "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "reps": args.reps, "runs": {}}
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"serve_{args.tag}.json"
-    for m, spec in specs.items():
-        print(m, flush=True)
-        result["runs"][m] = serve_and_measure(target, spec, prompts, args.concurrency, args.min_requests,
-                                              args.max_tokens, RESULTS / f".serve_{args.tag}_{m}.log")
-        out.write_text(json.dumps(result, indent=2))
-    if "none" in specs:
-        for m in specs:
-            for c in args.concurrency:
-                lvl = result["runs"][m][str(c)]
-                lvl["throughput_vs_none"] = lvl["tokens_per_s"] / result["runs"]["none"][str(c)]["tokens_per_s"]
+    reps: dict[str, list[dict]] = {m: [] for m in specs}
+    for rep in range(args.reps):  # methods interleaved, so that drift of a shared host hits all of them
+        for m, spec in specs.items():
+            print(f"{m} (rep {rep + 1}/{args.reps})", flush=True)
+            reps[m].append(serve_and_measure(target, spec, prompts, args.concurrency, args.min_requests,
+                                             args.max_tokens, RESULTS / f".serve_{args.tag}_{m}.log"))
+            result["runs"] = {m: r[-1] for m, r in reps.items() if r}  # partial results survive a crash
+            out.write_text(json.dumps(result, indent=2))
+    result["runs"] = median_runs(reps, args.concurrency)
     out.write_text(json.dumps(result, indent=2))
     plot(result, out.with_suffix(".png"))
     print(f"wrote {out}")

@@ -3,7 +3,7 @@
 # `vllm-specx serve`) with SmolLM2-135M-Instruct, without speculation and with the bundled EDD drafter
 # (early stop + this machine's cost model), streaming greedy chat requests at 1, 8, 32 and 64 in flight.
 set -euo pipefail
-# The committed run (session 5) had whole-step payoff skipping on (now opt-in, see README "Early stop")
+# The committed run (session 5) had whole-step payoff skipping on (opt-in then, the default since session 11)
 export SPECX_STEP_PAYOFF=${SPECX_STEP_PAYOFF:-1}
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}

@@ -103,10 +103,11 @@ class SpecxConfig:
         lk = self.lookup
         if not lk:
             return
-        unknown = set(lk) - {"enabled", "min_n", "first_accept", "deeper_accept", "preempt_expected", "report", "command"}
+        allowed = ("enabled", "min_n", "first_accept", "deeper_accept", "preempt_expected", "shared_calibration",
+                   "report", "command")
+        unknown = set(lk) - set(allowed)
         if unknown:
-            raise SpecxConfigError(f"specx_config.json: unknown lookup keys {sorted(unknown)}; allowed: enabled, "
-                                   "min_n, first_accept, deeper_accept, preempt_expected, report, command")
+            raise SpecxConfigError(f"specx_config.json: unknown lookup keys {sorted(unknown)}; allowed: {', '.join(allowed)}")
         if not isinstance(lk.get("enabled", False), bool):
             raise SpecxConfigError("specx_config.json: lookup.enabled must be true or false")
         first, deeper = lk.get("first_accept"), lk.get("deeper_accept")
@@ -121,6 +122,11 @@ class SpecxConfig:
         if isinstance(preempt, bool) or not isinstance(preempt, (int, float)) or not 0.0 < preempt <= 64.0:
             raise SpecxConfigError("specx_config.json: lookup.preempt_expected (expected accepted lookup tokens above "
                                    f"which the drafter's head is skipped) must be a number in (0, 64], got {preempt!r}")
+        shared = lk.get("shared_calibration", None)
+        if shared is not None and (isinstance(shared, bool) or not isinstance(shared, (int, float))
+                                   or not 0.0 <= shared < 1.0):
+            raise SpecxConfigError("specx_config.json: lookup.shared_calibration (decay of the engine-wide accepted / "
+                                   f"expected ratio, or null for none) must be a number in [0, 1) or null, got {shared!r}")
         min_n = lk.get("min_n", 1)
         if not _is_int(min_n) or not 1 <= min_n <= len(first):
             raise SpecxConfigError(f"specx_config.json: lookup.min_n must be an integer in [1, {len(first)}], got {min_n!r}")

@@ -132,6 +132,62 @@ def test_online_calibration_forgets_finished_requests():
         OnlineAcceptCalibration(decay=1.0)
 
 
+def test_shared_calibration_starts_new_requests_from_the_engine_wide_ratio():
+    from vllm_specx.core.early_stop import OnlineAcceptCalibration
+
+    own = OnlineAcceptCalibration(decay=0.5, prior=1.0)
+    shared = OnlineAcceptCalibration(decay=0.5, prior=1.0, shared_decay=0.5)
+    for cal in (own, shared):  # two requests' drafts earned a third of what was expected
+        cal.update(["a", "b"], [1, 1], [3.0, 3.0])
+    assert own.scales(["new"]).item() == 1.0 and own.centre() == 1.0
+    centre = (2 + 1) / (6 + 1)
+    assert shared.centre() == pytest.approx(centre) and shared.scales(["new"]).item() == pytest.approx(centre)
+    # a request's own evidence moves it away from the centre: "a" then accepted all it was expected to
+    shared.update(["a", "b"], [3, 0], [3.0, 0.0])
+    a_sums = (1 * 0.5 + 3, 3.0 * 0.5 + 3)
+    centre = (2 * 0.5 + 3 + 1) / (6 * 0.5 + 3 + 1)
+    assert shared.scales(["a"]).item() == pytest.approx((a_sums[0] + centre) / (a_sums[1] + 1))
+    # steps that verified nothing leave the engine-wide ratio where it is (requests' own sums decay)
+    before = shared.centre()
+    for _ in range(5):
+        shared.update(["a", "b"], [0, 0], [0.0, 0.0])
+    assert shared.centre() == before and shared.scales(["a"]).item() == pytest.approx(before, rel=0.05)
+    with pytest.raises(ValueError):
+        OnlineAcceptCalibration(shared_decay=1.0)
+
+
+def test_lookup_chains_of_an_over_confident_table_stop_once_the_engine_has_seen_them_rejected(confidence_model):
+    """At a high node threshold (large batch) a chain the table rates 0.9 per token is kept until the
+    engine-wide ratio shows that lookup tokens are accepted far less often than rated; a brand-new
+    request then gets no chain either (per-request calibration alone starts every request at 1)."""
+    from vllm_specx.core.early_stop import OnlineAcceptCalibration
+
+    tokens, lengths = _lookup_batch()
+
+    def run(shared_decay):
+        ctl = _lookup_controller(confidence_model, threshold=0.7)
+        ctl.lookup.calibration = OnlineAcceptCalibration(shared_decay=shared_decay)
+        ctl.drafting_pays = lambda b: False  # the drafter drafts nothing: only lookup chains compete
+
+        def step(req_id):  # one engine step of a request that just had 1 token emitted (chain rejected)
+            ctl.feedback([req_id], [1])
+            ctl.lookup.find([req_id], tokens[:1], lengths[:1], None, k=4, max_model_len=100)
+            ctl.begin(armed=True)
+            assert ctl.skip_step(1) and ctl.finish() == [0]
+            return ctl.lookup_chains([req_id])[0]
+
+        firsts = []
+        for i in range(6):  # short requests: two steps each, the first one's chain rejected at its first token
+            firsts.append(step(f"r{i}"))
+            step(f"r{i}")
+        return firsts, ctl.lookup.calibration.centre()
+
+    firsts, centre = run(shared_decay=None)
+    assert all(f == [7, 8, 9] for f in firsts) and centre == 1.0  # 0.9, 0.81, 0.73 >= 0.7, every time
+    firsts, centre = run(shared_decay=0.9)
+    assert firsts[0] == [7, 8, 9] and firsts[-1] is None and centre < 0.7 / 0.9
+
+
 # ------------------------------------------------------------------ whole-step payoff
 def test_drafting_payoff_skips_buckets_that_do_not_earn_their_cost_and_explores():
     from vllm_specx.core.early_stop import DraftingPayoff

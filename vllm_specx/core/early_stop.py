@@ -488,19 +488,36 @@ class OnlineAcceptCalibration:
     step, also on steps that drafted nothing, so a request that stopped drafting returns to scale 1
     and tries again (exponential back-off). Requests are keyed by id; ids absent from a step are
     dropped, so the table never outgrows the running batch.
+
+    shared_decay (None: off) adds an engine-wide ratio, decayed over the steps that verified anything:
+    requests then start from (and back off to) what the whole engine's drafts earned instead of 1. A
+    short request sees too few of its own steps to learn that the model is over-confident on today's
+    traffic; at large batches every token it wrongly keeps is paid for in verification.
     """
 
-    def __init__(self, decay: float = 0.7, prior: float = 2.0, max_scale: float = 1.5):
+    def __init__(self, decay: float = 0.7, prior: float = 2.0, max_scale: float = 1.5,
+                 shared_decay: float | None = None):
         if not 0.0 <= decay < 1.0 or prior <= 0.0:
             raise ValueError(f"decay must be in [0, 1) and prior > 0, got decay={decay}, prior={prior}")
-        self.decay, self.prior, self.max_scale = decay, prior, max_scale
+        if shared_decay is not None and not 0.0 <= shared_decay < 1.0:
+            raise ValueError(f"shared_decay must be in [0, 1) or None, got {shared_decay}")
+        self.decay, self.prior, self.max_scale, self.shared_decay = decay, prior, max_scale, shared_decay
         self._sums: dict[str, tuple[float, float]] = {}  # req_id -> (accepted, expected)
+        self._shared = (0.0, 0.0)  # engine-wide (accepted, expected), decayed per step with evidence
+
+    def centre(self) -> float:
+        """The scale of a request with no evidence of its own: 1, or the engine-wide ratio."""
+        if self.shared_decay is None:
+            return 1.0
+        acc, exp = self._shared
+        return min((acc + self.prior) / (exp + self.prior), self.max_scale)
 
     def scales(self, req_ids: list[str]) -> torch.Tensor:  # -> [B]
+        centre = self.centre()
         out = []
         for r in req_ids:
             acc, exp = self._sums.get(r, (0.0, 0.0))
-            out.append(min((acc + self.prior) / (exp + self.prior), self.max_scale))
+            out.append(min((acc + self.prior * centre) / (exp + self.prior), self.max_scale))
         return torch.tensor(out, dtype=torch.float32)
 
     def update(self, req_ids: list[str], accepted: list[int], expected: list[float]) -> None:
@@ -511,6 +528,9 @@ class OnlineAcceptCalibration:
             acc, exp = self._sums.get(r, (0.0, 0.0))
             new[r] = (acc * self.decay + a, exp * self.decay + e)
         self._sums = new
+        if self.shared_decay is not None and sum(expected) > 0:
+            acc, exp = self._shared
+            self._shared = (acc * self.shared_decay + sum(accepted), exp * self.shared_decay + sum(expected))
 
 
 class DraftingPayoff:

@@ -37,6 +37,10 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer",
              "shares the target's embedding and LM head when the drafter sets has_own_* = False",
              is_class=True, members=("_maybe_share_embeddings", "_maybe_share_lm_head", "load_model"), runner="v1"),
+    Internal("vllm.forward_context:get_forward_context",
+             "EDD's forward reads its attention layer's metadata (attn_metadata[layer_name].query_start_loc, "
+             "[B + 1]) to finish only the rows the proposer can sample: the last K + 1 of each request's "
+             "query (a missing query_start_loc only turns that saving off)", params=()),
     Internal("vllm.model_executor.models:ModelRegistry.register_model",
              "registers SpecxEddForCausalLM lazily by module path", params=("model_arch", "model_cls")),
     Internal("vllm.transformers_utils.configs.speculators.algos:register_speculator",

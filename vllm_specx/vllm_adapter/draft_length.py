@@ -384,14 +384,17 @@ def load_controller(drafter_dir: str | Path, early_stop: dict, max_k: int,
             verify = float(cost.target_step_time(batch_size, 2)) - plain
             return (float(cost.draft_step_time(batch_size, 1)) + kept_fraction * max(verify, 0.0)) / plain
 
-        # Off by default: a skipped step still runs the drafter's forward and vLLM's proposer, so it saves
-        # less than `step_cost_ratio` says (batch 1, the 210-step bundled drafter: 0.84x with it vs 0.96x
-        # without, results/step_payoff_smollm2_cpu_b1.json).
+        # On by default since session 11 (opt-in before: with the 210-step drafter of session 5 it cost
+        # 0.84x vs 0.96x at batch 1, results/step_payoff_smollm2_cpu_b1.json). With skip_forward, the
+        # bundled drafter and lookup chains, batch 1, Intel (results/paired_smollm2_cpu_intel_s11.json):
+        # 1.18x and 1.14x of no speculation in two runs vs 1.10x with both off, same period; 64 in flight
+        # served: 0.95x (3 reps) vs 0.92x with payoff only. A drop in load after skipped forwards left
+        # the tail's acceptance as it was (90 of ~296 drafts accepted either way, 4 long requests).
         env = os.environ.get("SPECX_STEP_PAYOFF")
-        on = early_stop.get("step_payoff", False) if env is None else env == "1"
+        on = early_stop.get("step_payoff", True) if env is None else env == "1"
         payoff = DraftingPayoff(step_cost_ratio) if on else None
         env = os.environ.get("SPECX_SKIP_FORWARD")
-        skip_forward = early_stop.get("skip_forward", False) if env is None else env == "1"
+        skip_forward = early_stop.get("skip_forward", True) if env is None else env == "1"
     else:
         fixed = float(early_stop.get("threshold", DEFAULT_THRESHOLD))
 
@@ -414,9 +417,24 @@ def load_controller(drafter_dir: str | Path, early_stop: dict, max_k: int,
         DraftLengthPolicy(max_k, model), proj, threshold, calibration=calibration, drafting_pays=drafting_pays,
         metrics=specx_metrics(), payoff=payoff, skip_forward=skip_forward, max_siblings=int(tree.get("max_siblings", 0)),
         sibling_threshold_for_batch=sibling_threshold,
-        lookup=None if lookup is None else LookupCandidates(
-            LookupTable(tuple(lookup["first_accept"]), tuple(lookup["deeper_accept"])), int(lookup.get("min_n", 1)),
-            preempt_expected=float(os.environ.get("SPECX_LOOKUP_PREEMPT", lookup.get("preempt_expected", 1.0)))))
+        lookup=None if lookup is None else _lookup_candidates(lookup))
+
+
+# The lookup table is fitted on the target's answers to training prompts; on other traffic it can be
+# over-confident (Spec-Bench, one run: 1102 lookup tokens verified at 64 in flight, 550 accepted, though
+# every one was kept at path probability >= 0.71). Requests start from the engine-wide ratio.
+SHARED_LOOKUP_DECAY = 0.9
+
+
+def _lookup_candidates(lookup: dict) -> LookupCandidates:
+    """specx_config.json's `lookup` section (validated by checkpoint.SpecxConfig); env overrides:
+    SPECX_LOOKUP_PREEMPT (preempt_expected), SPECX_LOOKUP_SHARED (shared_calibration; 'none': off)."""
+    shared = os.environ.get("SPECX_LOOKUP_SHARED", lookup.get("shared_calibration", SHARED_LOOKUP_DECAY))
+    shared = None if shared in (None, "none") else float(shared)
+    return LookupCandidates(
+        LookupTable(tuple(lookup["first_accept"]), tuple(lookup["deeper_accept"])), int(lookup.get("min_n", 1)),
+        preempt_expected=float(os.environ.get("SPECX_LOOKUP_PREEMPT", lookup.get("preempt_expected", 1.0))),
+        calibration=OnlineAcceptCalibration(shared_decay=shared))
 
 
 def _controller_of(proposer) -> ChainStopController | None:

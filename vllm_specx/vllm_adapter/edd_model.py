@@ -21,6 +21,7 @@ from torch import nn
 
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
@@ -73,7 +74,8 @@ class EddAttention(nn.Module):
             cache_config=vllm_config.cache_config, prefix=f"{prefix}.attn",
         )
 
-    def forward(self, positions: torch.Tensor, query_in: torch.Tensor, context_in: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, query_in: torch.Tensor, context_in: torch.Tensor,
+                rows: torch.Tensor | None = None) -> torch.Tensor:  # -> [T, H], or [R, H] for rows [R]
         # One projection, two input streams: q from the token, k/v from the slot's context. Both
         # streams go through the fused layer (vLLM may repack or quantise its weight, so it is not
         # sliced by hand); the unused halves cost one extra small GEMM.
@@ -83,7 +85,8 @@ class EddAttention(nn.Module):
         k, v = qkv[num_tokens:, self.q_size :].split([self.kv_size, self.kv_size], dim=-1)
         q, _ = self.rotary_emb(positions + 1, q.contiguous(), None)
         k, _ = self.rotary_emb(positions, k.contiguous(), None)
-        out, _ = self.o_proj(self.attn(q, k, v))
+        out = self.attn(q, k, v)  # writes every row's KV slot
+        out, _ = self.o_proj(out if rows is None else out[rows])
         return out
 
 
@@ -116,14 +119,17 @@ class EddDecoder(nn.Module):
         positions: torch.Tensor,  # [T]
         context: torch.Tensor,  # [T, H]
         inputs_embeds: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,  # [R]: finish only these rows (the rest of the output is 0)
     ) -> tuple[torch.Tensor, torch.Tensor]:
         embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        attn = self.self_attn(positions, self.input_layernorm(embeds), self.context_layernorm(context))
-        x = embeds + attn
+        attn = self.self_attn(positions, self.input_layernorm(embeds), self.context_layernorm(context), rows)
+        x = (embeds if rows is None else embeds[rows]) + attn
         gate_up, _ = self.gate_up_proj(self.post_attention_layernorm(x))
         mlp, _ = self.down_proj(self.act(gate_up))
-        x = x + mlp
-        return self.norm(x), embeds
+        out = self.norm(x + mlp)
+        if rows is not None:
+            out = embeds.new_zeros(embeds.shape).index_copy_(0, rows, out)
+        return out, embeds
 
 
 class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
@@ -166,6 +172,10 @@ class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
         from vllm_specx.vllm_adapter.prom_metrics import specx_metrics
 
         self._metrics = specx_metrics()
+        import os
+
+        self._rows_per_request = speculative_config.num_speculative_tokens + 1  # see _rows_read
+        self._all_rows = os.environ.get("SPECX_DRAFTER_ALL_ROWS", "0") == "1"
 
     def embed_input_ids(self, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
@@ -177,7 +187,33 @@ class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
         hidden_states: torch.Tensor,
         inputs_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model(input_ids, positions, hidden_states, inputs_embeds)
+        return self.model(input_ids, positions, hidden_states, inputs_embeds, rows=self._rows_read(input_ids.shape[0]))
+
+    def _rows_read(self, num_tokens: int) -> torch.Tensor | None:
+        """Rows of this forward whose output the proposer can read, or None for all of them.
+
+        Every row's KV slot must be written, but the proposer samples one row per request: its query's
+        last row, or an earlier one when the target rejected drafts (at most K back). In a prefill
+        chunk the other rows' attention output, o_proj and MLP (about 3/4 of the drafter's GEMM work per
+        row) would only be thrown away, so they are skipped: the last K + 1 rows of each request's query
+        are finished, the rest of the output is 0. SPECX_DRAFTER_ALL_ROWS=1 finishes every row."""
+        if self._all_rows:
+            return None
+        metadata = get_forward_context().attn_metadata
+        if isinstance(metadata, dict):
+            metadata = metadata.get(self.model.self_attn.attn.layer_name)
+        starts = getattr(metadata, "query_start_loc", None)  # [B + 1]
+        if starts is None or num_tokens <= (starts.shape[0] - 1) * self._rows_per_request:
+            return None
+        ends = starts[1:]
+        take = torch.clamp(ends - starts[:-1], max=self._rows_per_request)  # [B]
+        offsets = torch.arange(int(take.sum()), device=ends.device)  # rows of the kept blocks, in order
+        first = torch.repeat_interleave(ends - take, take)
+        block_start = torch.repeat_interleave(torch.cumsum(take, 0) - take, take)
+        rows = first + offsets - block_start  # [R]
+        if self._metrics is not None:
+            self._metrics.drafter_rows_skipped.inc(num_tokens - rows.shape[0])
+        return rows
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         # vLLM's proposer calls this once per draft step, hidden_states [B, H] in batch order.

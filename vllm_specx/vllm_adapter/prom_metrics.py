@@ -18,6 +18,8 @@ default registry.
   specx:vocab_subset_rows_total           draft rows scored by the SpecVocab / fixed-vocabulary head
   specx:vocab_full_rows_total             draft rows a subset-vocabulary drafter sent to its full head
                                           (batches above vocab.max_batch)
+  specx:drafter_rows_skipped_total        prefill rows whose drafter output was not computed (their KV
+                                          was): the proposer never reads them
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class SpecxMetrics:
         self.vocab_subset_rows = counter("vocab_subset_rows", "draft rows scored by the subset-vocabulary head")
         self.vocab_full_rows = counter("vocab_full_rows",
                                        "draft rows a subset-vocabulary drafter sent to its full head")
+        self.drafter_rows_skipped = counter("drafter_rows_skipped",
+                                            "prefill rows whose drafter output was not computed (their KV was)")
         self.accepted = Histogram(PREFIX + "accepted_tokens_per_request_step",
                                   "draft tokens accepted per request per verified step",
                                   buckets=[i + 0.5 for i in range(16)] + [float("inf")])
