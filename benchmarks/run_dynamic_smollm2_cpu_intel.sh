@@ -5,19 +5,5 @@
 # chains (the MCSD comparison), and the bundled drafter as shipped. Writes
 # benchmarks/results/acceptance_dynamic_smollm2_cpu_intel_b{1,32}.{json,png}.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
-D=vllm_specx/assets/edd-smollm2-135m
-OFF='"env": {"SPECX_EARLY_STOP": "0"}'
-METHODS=(
-  none
-  "K3={\"method\": \"eagle3\", \"model\": \"$D\", \"num_speculative_tokens\": 3, $OFF}"
-  "K5={\"method\": \"eagle3\", \"model\": \"$D\", \"num_speculative_tokens\": 5, $OFF}"
-  "K8={\"method\": \"eagle3\", \"model\": \"$D\", \"num_speculative_tokens\": 8, $OFF}"
-  "early_stop_no_lookup={\"method\": \"eagle3\", \"model\": \"$D\", \"num_speculative_tokens\": 8, \"env\": {\"SPECX_LOOKUP\": \"0\"}}"
-  "early_stop={\"method\": \"eagle3\", \"model\": \"$D\", \"num_speculative_tokens\": 8}"
-)
-$PY benchmarks/bench_acceptance.py --prompts spec_bench --per-category 4 --methods "${METHODS[@]}" \
-  --batch-sizes 1 --max-tokens 64 --tag dynamic_smollm2_cpu_intel_b1
-$PY benchmarks/bench_acceptance.py --prompts spec_bench --per-category 6 --methods "${METHODS[@]}" \
-  --batch-sizes 32 --max-tokens 64 --tag dynamic_smollm2_cpu_intel_b32
+DYNAMIC_METHODS="none K3 K5 K8 early_stop_no_lookup early_stop" DYNAMIC_TAG=dynamic_smollm2_cpu_intel \
+  exec bash "$(dirname "$0")/run_dynamic_smollm2_cpu.sh" "$@"
