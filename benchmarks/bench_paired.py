@@ -1,4 +1,4 @@
-"""Batch-1 wall time of specx configurations against no speculation, paired prompt by prompt in ONE process.
+"""Wall time of specx configurations against no speculation, paired prompt by prompt in ONE process.
 
 Runs in separate processes (bench_lookup.py, bench_step_overhead.py) differ by 5-10 % on this shared machine
 even for the same configuration, which is as large as the effects measured. Here every engine lives in the
@@ -13,11 +13,18 @@ so it is not here; bench_lookup.py compares it. Greedy outputs of every engine a
 Writes benchmarks/results/paired_<tag>.{json,png}.
 
   python benchmarks/bench_paired.py --per-category 4
+  python benchmarks/bench_paired.py --batch 64 --rounds 4 --tag smollm2_cpu_b64
+
+--batch N: the unit is a batch of N prompts submitted at once (N in flight, max_num_seqs=N) instead of
+one prompt; every engine runs the same batch back to back, a new batch each round. This is the engine
+half of the serving benchmark at N in flight without the API server, HTTP and the host's drift between
+servers started minutes apart.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -29,16 +36,16 @@ from bench_acceptance import RESULTS, add_batch1_arguments, batch1_setup  # noqa
 ENGINES = {"none": None, "edd": {"SPECX_LOOKUP": "0"}, "edd_lookup": {"SPECX_LOOKUP": "1"}}  # name -> env at build
 
 
-def build(name: str, env: dict | None, target: str, drafter: str, k: int):
+def build(name: str, env: dict | None, target: str, drafter: str, k: int, batch: int = 1):
     from vllm_specx.testing import make_llm
 
     if env is None:
-        return make_llm(target, None, max_model_len=2048, max_num_seqs=1)
+        return make_llm(target, None, max_model_len=2048, max_num_seqs=batch)
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     try:  # specx reads its switches when the drafter is loaded
         return make_llm(target, {"method": "eagle3", "model": drafter, "num_speculative_tokens": k},
-                        max_model_len=2048, max_num_seqs=1)
+                        max_model_len=2048, max_num_seqs=batch)
     finally:
         for key, value in saved.items():
             if value is None:
@@ -67,28 +74,49 @@ def main() -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the pairing needs every engine in this process
     ap = argparse.ArgumentParser()
     add_batch1_arguments(ap, per_category=4)
+    ap.add_argument("--batch", type=int, default=1, help="prompts submitted at once per unit (requests in flight)")
+    ap.add_argument("--rounds", type=int, default=4, help="with --batch > 1: batches per engine, distinct prompts")
     args = ap.parse_args()
+    if args.batch > 1:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("SPECX_BENCH_KVCACHE", "3")  # N prompts' KV
+        # enough distinct prompts for the rounds and one warm-up batch
+        args.per_category = max(args.per_category, -(-(args.rounds + 1) * args.batch // 6))
 
     from tqdm import tqdm
 
     from vllm_specx.testing import generate
 
-    target, prompts, result = batch1_setup(
-        args, "batch-1 wall time, engines in one process, each prompt run by every engine back to back (rotating order)")
-    engines = {name: build(name, env, target, args.drafter, args.k) for name, env in ENGINES.items()}
+    b = args.batch
+    what = ("batch-1 wall time, engines in one process, each prompt run by every engine back to back (rotating order)"
+            if b == 1 else f"wall time at {b} requests in flight (a batch of {b} prompts submitted at once), engines in "
+            "one process, each batch run by every engine back to back (rotating order)")
+    target, prompts, result = batch1_setup(args, what)
+    if b > 1:  # every batch mixes the categories alike (Spec-Bench comes in category blocks)
+        by_cat = {}
+        for cat, text in prompts:
+            by_cat.setdefault(cat, []).append((cat, text))
+        prompts = [p for group in itertools.zip_longest(*by_cat.values()) for p in group if p is not None]
+    units = [prompts[i:i + b] for i in range(0, len(prompts) - b + 1, b)]  # [(category, text)] each
+    # batch mode: the first full batch an engine runs is slower (new GEMM shapes, KV pages first touched;
+    # 35.6 vs ~30 s in a first run): every engine warms up on a batch of its own that is not measured
+    warm_up = [prompts[0]] if b == 1 else units[args.rounds]
+    units = units if b == 1 else units[: args.rounds]
+    result.update(batch=b, units=len(units))
+    engines = {name: build(name, env, target, args.drafter, args.k, b) for name, env in ENGINES.items()}
     for llm in engines.values():
-        generate(llm, [prompts[0][1]], max_tokens=8)  # warm-up
+        generate(llm, [text for _, text in warm_up], max_tokens=8)
     counters = {name: count_target_passes(llm) for name, llm in engines.items()}
     names = list(engines)
     rows = []
-    for i, (cat, text) in enumerate(tqdm(prompts, desc="prompts (every engine)", unit="prompt")):
-        row = {"category": cat}
+    desc = "prompts (every engine)" if b == 1 else f"batches of {b} (every engine)"
+    for i, unit in enumerate(tqdm(units, desc=desc, unit="unit")):
+        row = {"category": unit[0][0] if b == 1 else "mixed"}
         for name in names[i % len(names):] + names[: i % len(names)]:  # rotate who goes first
             before = counters[name][0]
-            res = generate(engines[name], [text], max_tokens=args.max_tokens)
+            res = generate(engines[name], [text for _, text in unit], max_tokens=args.max_tokens)
             passes = counters[name][0] - before
             row[name] = {"wall_s": res.wall_s, "output_tokens": res.num_output_tokens, "target_passes": passes,
-                         "token_ids": res.token_ids[0]}
+                         "token_ids": res.token_ids}
         rows.append(row)
     summary = {}
     for name in names:
@@ -97,7 +125,7 @@ def main() -> None:
         passes = sum(r[name]["target_passes"] for r in rows)
         halves = [rows[: len(rows) // 2], rows[len(rows) // 2:]]
         summary[name] = {
-            "tokens_per_s": tokens / wall, "tokens_per_target_pass": tokens / passes, "ms_per_target_pass": 1e3 * wall / passes,
+            "tokens_per_s": tokens / wall, "target_passes": passes, "tokens_per_target_pass": tokens / passes, "ms_per_target_pass": 1e3 * wall / passes,
             "speedup_vs_none": (tokens / wall) / (sum(r["none"]["output_tokens"] for r in rows) / sum(r["none"]["wall_s"] for r in rows)),
             "speedup_by_half": [(sum(r[name]["output_tokens"] for r in h) / sum(r[name]["wall_s"] for r in h))
                                 / (sum(r["none"]["output_tokens"] for r in h) / sum(r["none"]["wall_s"] for r in h)) for h in halves],
@@ -129,13 +157,14 @@ def plot(result: dict, path: Path) -> None:
         ax[0].scatter(range(len(rows)), ratio, color=f"C{j}", s=14, label=name)
         ax[1].bar(j, result["summary"][name]["speedup_vs_none"], color=f"C{j}", alpha=0.7)
     ax[0].axhline(1.0, color="grey", lw=0.8)
-    ax[0].set_xlabel("prompt (Spec-Bench, category blocks)")
+    ax[0].set_xlabel("prompt (Spec-Bench, category blocks)" if result.get("batch", 1) == 1 else
+                     f"batch of {result['batch']} prompts")
     ax[0].set_ylabel("tokens/s vs none, same prompt")
     ax[0].legend(fontsize=8)
     ax[1].axhline(1.0, color="grey", lw=0.8)
     ax[1].set_xticks(range(1, len(names)), names[1:])
     ax[1].set_ylabel("tokens/s vs none, all prompts")
-    fig.suptitle(f"{result['target']}, batch 1, {result['prompts']} prompts, engines paired in one process, "
+    fig.suptitle(f"{result['target']}, batch {result.get('batch', 1)}, {result['prompts']} prompts, engines paired in one process, "
                  f"{result['machine']['host_cpu']} ({result['machine']['cores']} cores)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

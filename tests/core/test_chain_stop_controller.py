@@ -164,14 +164,15 @@ def test_lookup_chains_of_an_over_confident_table_stop_once_the_engine_has_seen_
 
     tokens, lengths = _lookup_batch()
 
-    def run(shared_decay):
+    def run(shared_decay, prune=False):
         ctl = _lookup_controller(confidence_model, threshold=0.7)
         ctl.lookup.calibration = OnlineAcceptCalibration(shared_decay=shared_decay)
         ctl.drafting_pays = lambda b: False  # the drafter drafts nothing: only lookup chains compete
 
         def step(req_id):  # one engine step of a request that just had 1 token emitted (chain rejected)
             ctl.feedback([req_id], [1])
-            ctl.lookup.find([req_id], tokens[:1], lengths[:1], None, k=4, max_model_len=100)
+            ctl.lookup.find([req_id], tokens[:1], lengths[:1], None, k=4, max_model_len=100,
+                            threshold=0.7 if prune else None)
             ctl.begin(armed=True)
             assert ctl.skip_step(1) and ctl.finish() == [0]
             return ctl.lookup_chains([req_id])[0]
@@ -180,12 +181,26 @@ def test_lookup_chains_of_an_over_confident_table_stop_once_the_engine_has_seen_
         for i in range(6):  # short requests: two steps each, the first one's chain rejected at its first token
             firsts.append(step(f"r{i}"))
             step(f"r{i}")
-        return firsts, ctl.lookup.calibration.centre()
+        return firsts, ctl.lookup.calibration.centre(), ctl.lookup.stats
 
-    firsts, centre = run(shared_decay=None)
+    firsts, centre, _ = run(shared_decay=None)
     assert all(f == [7, 8, 9] for f in firsts) and centre == 1.0  # 0.9, 0.81, 0.73 >= 0.7, every time
-    firsts, centre = run(shared_decay=0.9)
+    firsts, centre, _ = run(shared_decay=0.9)
     assert firsts[0] == [7, 8, 9] and firsts[-1] is None and centre < 0.7 / 0.9
+    # requests whose chain could not clear the threshold are not searched: the same chains, fewer searches
+    pruned, pruned_centre, stats = run(shared_decay=0.9, prune=True)
+    assert (pruned, pruned_centre) == (firsts, centre) and stats["not_searched"] >= 6
+
+
+def test_lookup_search_skips_rows_that_cannot_clear_the_threshold_and_keeps_rows_aligned(confidence_model):
+    ctl = _lookup_controller(confidence_model, threshold=0.7)
+    tokens, lengths = _lookup_batch()
+    tokens, lengths = tokens[[1, 0]], lengths[[1, 0]]  # row 0: "b" (no repeat), row 1: "a" (a 4-gram match)
+    for _ in range(3):  # "b" had drafts rejected: scale 0.25, 0.9 * 0.25 < 0.7
+        ctl.lookup.calibration.update(["b"], [0], [1.0])
+    ctl.lookup.find(["b", "a"], tokens, lengths, None, k=4, max_model_len=100, threshold=0.7)
+    assert "b" not in ctl.lookup._chains and ctl.lookup.stats["not_searched"] == 1
+    assert ctl.lookup._chains["a"][0].tolist() == [7, 8, 9, 5]  # "a"'s own row, not row 0
 
 
 # ------------------------------------------------------------------ whole-step payoff
@@ -199,14 +214,34 @@ def test_drafting_payoff_skips_buckets_that_do_not_earn_their_cost_and_explores(
         payoff.update(64, accepted=6, kept=8)  # 0.09 accepted per request: below 0.5 + 0.0125
         payoff.update(1, accepted=1, kept=1)  # 1 accepted per request: pays
     assert payoff.pays(1)
-    decisions = [payoff.pays(64) for _ in range(8)]
-    assert decisions == [False, False, False, True] * 2  # one exploring step in four
-    assert payoff.pays(48)  # another bucket (32..63) has its own evidence (none yet)
+    decisions = [payoff.pays(64) for _ in range(12)]
+    # one exploring step after four; it found nothing new, so the next one waits eight
+    assert decisions == [False, False, False, True] + [False] * 7 + [True]
+    assert payoff.pays(48)  # bucket 32..63 has no evidence: it starts from batch 1's, which pays
     for _ in range(10):
         payoff.update(64, accepted=50, kept=60)  # the drafter earns again at this batch size
     assert payoff.pays(64)
     a, f = payoff.estimate(64)
     assert abs(a - 50 / 64) < 0.01 and abs(f - 60 / 64) < 0.01
+
+
+def test_drafting_payoff_backs_off_its_exploring_steps_and_starts_large_batches_from_smaller_ones():
+    from vllm_specx.core.early_stop import DraftingPayoff
+
+    payoff = DraftingPayoff(lambda b, kept: 0.2 * b.bit_length(), decay=0.5, explore_every=2, max_explore_every=8)
+    explored = []
+    for step in range(60):
+        if payoff.pays(16):
+            explored.append(step)
+            payoff.update(16, accepted=1, kept=2)  # 1/16 per request: never pays 0.2 * 5
+    assert explored == [0, 2, 6, 14, 22, 30, 38, 46, 54]  # first step, then one in 2, 4, 8, 8, ...
+    assert not payoff.pays(32)  # no evidence at 32..63: batch 16's estimate, which did not pay there
+    assert payoff.pays(2)  # nothing smaller than batch 2 was seen: draft and measure
+    payoff.update(16, accepted=64, kept=16)  # the drafter earns again: exploring waits reset
+    payoff.update(16, accepted=64, kept=16)
+    assert payoff.pays(16) and payoff._interval[payoff.bucket(16)] == 2
+    with pytest.raises(ValueError, match="max_explore_every"):
+        DraftingPayoff(lambda b, kept: 0.5, explore_every=16, max_explore_every=8)
 
 
 def test_controller_skips_steps_after_drafting_steps_that_did_not_pay(confidence_model):

@@ -142,8 +142,14 @@ def test_steps_that_do_not_pay_can_skip_the_drafters_forward_losslessly(tiny_tar
 
     from vllm_specx.testing import make_llm, read_spec_metrics, shutdown
 
+    from prometheus_client import REGISTRY
+
+    def counter() -> float:
+        return REGISTRY.get_sample_value("specx:drafter_forwards_skipped_total") or 0.0
+
     spec = {"method": "eagle3", "model": str(folder), "num_speculative_tokens": 3}
     lengths = [4 + (i * 7) % 29 for i in range(64)]  # requests finish at different steps: the batch shrinks
+    before = counter()
     llm = make_llm(tiny_target, spec, max_num_seqs=64)
     try:
         outs = llm.generate(many_prompts(64), [SamplingParams(temperature=0, max_tokens=m) for m in lengths],
@@ -154,6 +160,7 @@ def test_steps_that_do_not_pay_can_skip_the_drafters_forward_losslessly(tiny_tar
     want = [t[:m] for t, m in zip(tiny_plain_outputs["many"].token_ids, lengths)]
     assert_same_tokens(want, [list(o.outputs[0].token_ids) for o in outs])
     assert sum(skipped) > 5, sum(skipped)  # decode steps with many requests in flight skipped the forward
+    assert counter() - before == sum(skipped)  # specx:drafter_forwards_skipped on /metrics
     assert metrics.num_drafts > 0  # the tail (few requests left) drafted again, over a KV cache with holes
     skipped.clear()
     one = run_generate(tiny_target, many_prompts(64)[:1], spec, max_tokens=32)

@@ -141,6 +141,8 @@ class ChainStopController:
             return False
         self._forward_skippable = False
         self.stats["forward_skipped"] = self.stats.get("forward_skipped", 0) + 1
+        if self.metrics is not None:
+            self.metrics.forwards_skipped.inc()
         return True
 
     def forward_ran(self) -> None:
@@ -273,6 +275,7 @@ class LookupCandidates:
     # steps without drafter levels, ~1 ms a pass less; 0.6 gave the same passes again.
     preempt_expected: float = 1.0
     calibration: OnlineAcceptCalibration = field(default_factory=OnlineAcceptCalibration)
+    metrics: object | None = None  # prom_metrics.SpecxMetrics
     stats: dict = field(default_factory=lambda: {"chosen": 0, "tokens": 0, "accepted": 0, "expected": 0.0})
     _chains: dict = field(default_factory=dict)   # req_id -> (chain np.ndarray, matched n), this step
     _verifying: dict = field(default_factory=dict)  # req_id -> (tokens proposed, expected accepted)
@@ -285,14 +288,24 @@ class LookupCandidates:
         self._verifying = {}
 
     def find(self, req_ids: list[str], token_ids, num_tokens, pending: list[list[int]] | None, k: int,
-             max_model_len: int) -> None:
+             max_model_len: int, threshold: float | None = None) -> None:
         """token_ids [B_max, max_len] numpy, num_tokens [B_max]: the runner's input batch (row i is
         req_ids[i]'s prompt + output so far); pending[i]: tokens sampled this step that the runner has
         not written there yet (vLLM drafts EAGLE-style before its bookkeeping), or None. Chains never
-        run past max_model_len."""
+        run past max_model_len. threshold: this step's node threshold; a request whose chain could not
+        clear it (its scale times the table's best first-token rate is below it) is not searched, which
+        changes no decision of `preempts` or `choose` (at 64 in flight the search was ~1% of a step)."""
         max_n = len(self.table.first)
         self._chains = {}
-        for i, r in enumerate(req_ids):
+        rows = list(enumerate(req_ids))  # (row in the runner's batch, request)
+        if threshold is not None and self.preempt_expected > 0:
+            best = max(self.table.first)
+            scales = self.calibration.scales(req_ids).tolist()
+            rows = [(i, r) for (i, r), s in zip(rows, scales) if min(1.0, best * s) >= threshold]
+            self.stats["not_searched"] = self.stats.get("not_searched", 0) + len(req_ids) - len(rows)
+            if self.metrics is not None:
+                self.metrics.lookup_not_searched.inc(len(req_ids) - len(rows))
+        for i, r in rows:
             n = int(num_tokens[i])
             context = token_ids[i, :n]
             if pending is not None and pending[i]:
@@ -372,17 +385,25 @@ def load_controller(drafter_dir: str | Path, early_stop: dict, max_k: int,
                 drafter_dir, sorted(set(elsewhere)), machine_id(), early_stop.get("threshold", DEFAULT_THRESHOLD),
                 drafter_dir)
     if cost is not None:
-
+        # Functions of the batch size only, asked several times per engine step: memoised (the fitted
+        # model's predict was 0.2 % of the engine's time at 64 in flight).
+        @functools.lru_cache(maxsize=4096)
         def threshold(batch_size: int) -> float:
             return float(cost.node_threshold(batch_size))
 
+        @functools.lru_cache(maxsize=4096)
         def drafting_pays(batch_size: int) -> bool:
-            return cost.first_token_threshold(batch_size) < 1.0
+            return bool(cost.first_token_threshold(batch_size) < 1.0)
 
-        def step_cost_ratio(batch_size: int, kept_fraction: float) -> float:
+        @functools.lru_cache(maxsize=4096)
+        def step_costs(batch_size: int) -> tuple[float, float]:  # (draft level, verify of 1 token) / plain
             plain = float(cost.target_step_time(batch_size, 1))
             verify = float(cost.target_step_time(batch_size, 2)) - plain
-            return (float(cost.draft_step_time(batch_size, 1)) + kept_fraction * max(verify, 0.0)) / plain
+            return float(cost.draft_step_time(batch_size, 1)) / plain, max(verify, 0.0) / plain
+
+        def step_cost_ratio(batch_size: int, kept_fraction: float) -> float:
+            draft, verify = step_costs(batch_size)
+            return draft + kept_fraction * verify
 
         # On by default since session 11 (opt-in before: with the 210-step drafter of session 5 it cost
         # 0.84x vs 0.96x at batch 1, results/step_payoff_smollm2_cpu_b1.json). With skip_forward, the
@@ -431,10 +452,12 @@ def _lookup_candidates(lookup: dict) -> LookupCandidates:
     SPECX_LOOKUP_PREEMPT (preempt_expected), SPECX_LOOKUP_SHARED (shared_calibration; 'none': off)."""
     shared = os.environ.get("SPECX_LOOKUP_SHARED", lookup.get("shared_calibration", SHARED_LOOKUP_DECAY))
     shared = None if shared in (None, "none") else float(shared)
+    from vllm_specx.vllm_adapter.prom_metrics import specx_metrics
+
     return LookupCandidates(
         LookupTable(tuple(lookup["first_accept"]), tuple(lookup["deeper_accept"])), int(lookup.get("min_n", 1)),
         preempt_expected=float(os.environ.get("SPECX_LOOKUP_PREEMPT", lookup.get("preempt_expected", 1.0))),
-        calibration=OnlineAcceptCalibration(shared_decay=shared))
+        calibration=OnlineAcceptCalibration(shared_decay=shared), metrics=specx_metrics())
 
 
 def _controller_of(proposer) -> ChainStopController | None:
@@ -527,7 +550,8 @@ def _wrap_propose_draft_token_ids(orig):
             if ctl.lookup is not None:  # context per row: prompt + output so far (+ this step's tokens)
                 batch = self.input_batch
                 ctl.lookup.find(req_ids, batch.token_ids_cpu, batch.num_tokens_no_spec,
-                                _pending_tokens(sampled_token_ids), ctl.policy.max_k, self.max_model_len)
+                                _pending_tokens(sampled_token_ids), ctl.policy.max_k, self.max_model_len,
+                                threshold=float(ctl.threshold_for_batch(len(req_ids))))
         return orig(self, scheduler_output, sampled_token_ids, *args, **kwargs)
 
     propose_draft_token_ids.__specx_wrapped__ = True

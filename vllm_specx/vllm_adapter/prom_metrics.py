@@ -20,6 +20,10 @@ default registry.
                                           (batches above vocab.max_batch)
   specx:drafter_rows_skipped_total        prefill rows whose drafter output was not computed (their KV
                                           was): the proposer never reads them
+  specx:drafter_forwards_skipped_total    steps that did not pay and skipped the drafter's forward too
+                                          (early_stop.skip_forward)
+  specx:lookup_rows_not_searched_total    request steps whose prompt-lookup search was skipped (no chain
+                                          of theirs could clear the step's node threshold)
 """
 
 from __future__ import annotations
@@ -48,6 +52,10 @@ class SpecxMetrics:
                                        "draft rows a subset-vocabulary drafter sent to its full head")
         self.drafter_rows_skipped = counter("drafter_rows_skipped",
                                             "prefill rows whose drafter output was not computed (their KV was)")
+        self.forwards_skipped = counter("drafter_forwards_skipped",
+                                        "steps that did not pay and skipped the drafter's forward too")
+        self.lookup_not_searched = counter("lookup_rows_not_searched",
+                                           "request steps whose prompt-lookup search could not pay and was skipped")
         self.accepted = Histogram(PREFIX + "accepted_tokens_per_request_step",
                                   "draft tokens accepted per request per verified step",
                                   buckets=[i + 0.5 for i in range(16)] + [float("inf")])
