@@ -57,6 +57,11 @@ class LookupTable:
         first = min(1.0, self.first[i] * scale)
         return first * self.deeper[i] ** np.arange(length)
 
+    def may_clear(self, scale: float, threshold: float) -> bool:
+        """Whether any chain of a request with this scale can have a token at path probability >=
+        threshold: path_probs never exceeds its first entry, which is at most the best n's, clipped."""
+        return min(1.0, max(self.first) * scale) >= threshold
+
 
 def lookup_tokens_to_verify(path_probs: np.ndarray, threshold: float, drafter_expected: float) -> int:
     """How many lookup tokens to verify instead of the drafter's chain (0: keep the drafter's).

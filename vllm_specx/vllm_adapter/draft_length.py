@@ -299,9 +299,8 @@ class LookupCandidates:
         self._chains = {}
         rows = list(enumerate(req_ids))  # (row in the runner's batch, request)
         if threshold is not None and self.preempt_expected > 0:
-            best = max(self.table.first)
             scales = self.calibration.scales(req_ids).tolist()
-            rows = [(i, r) for (i, r), s in zip(rows, scales) if min(1.0, best * s) >= threshold]
+            rows = [(i, r) for (i, r), s in zip(rows, scales) if self.table.may_clear(s, threshold)]
             self.stats["not_searched"] = self.stats.get("not_searched", 0) + len(req_ids) - len(rows)
             if self.metrics is not None:
                 self.metrics.lookup_not_searched.inc(len(req_ids) - len(rows))

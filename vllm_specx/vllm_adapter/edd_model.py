@@ -14,6 +14,7 @@ its __init__ or forward is used.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import torch
@@ -172,8 +173,6 @@ class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
         from vllm_specx.vllm_adapter.prom_metrics import specx_metrics
 
         self._metrics = specx_metrics()
-        import os
-
         self._rows_per_request = speculative_config.num_speculative_tokens + 1  # see _rows_read
         self._all_rows = os.environ.get("SPECX_DRAFTER_ALL_ROWS", "0") == "1"
 
@@ -271,8 +270,6 @@ def _draft_length_controller(speculative_config, runner: str, specx, vocab_mode:
     """specx_config.json `early_stop` -> controller + runner hooks; None (fixed K) when absent,
     switched off with SPECX_EARLY_STOP=0, or under the V2 runner (its drafts stay on the GPU in a
     fixed [B, K] block; the hooks are V1's)."""
-    import os
-
     from vllm.logger import init_logger
 
     if os.environ.get("SPECX_EARLY_STOP", "1") == "0":
@@ -304,8 +301,6 @@ def _draft_length_controller(speculative_config, runner: str, specx, vocab_mode:
 def lookup_settings(lookup: dict) -> dict | None:
     """Prompt-lookup candidate settings from specx_config.json's `lookup` section, or None when off;
     SPECX_LOOKUP=0/1 in the environment overrides `enabled` (absent section: off)."""
-    import os
-
     env = os.environ.get("SPECX_LOOKUP")
     enabled = lookup.get("enabled", False) if env is None else env == "1"
     if enabled and "first_accept" not in lookup:
@@ -321,8 +316,6 @@ def lookup_settings(lookup: dict) -> dict | None:
 def tree_settings(tree: dict) -> dict | None:
     """PCT tree settings from specx_config.json's `tree` section ({"max_siblings": m, optional
     "threshold"}), or None for chains; SPECX_TREE=0/1 in the environment overrides `enabled`."""
-    import os
-
     env = os.environ.get("SPECX_TREE")
     enabled = tree.get("enabled", False) if env is None else env == "1"
     if not enabled:
