@@ -319,6 +319,26 @@ def test_lookup_chain_replaces_a_weak_drafter_chain_and_learns_from_rejections(c
     assert ctl.lookup.stats["accepted"] == 0 and ctl.lookup.stats["chosen"] >= 2
 
 
+def test_lookup_scales_are_computed_once_per_step_and_afresh_after_feedback(confidence_model):
+    """find (with its pruning bound), preempts and choose share one computation of the requests' online
+    scales per step; after feedback (the calibration changed) they are computed again."""
+    ctl = _lookup_controller(confidence_model)
+    tokens, lengths = _lookup_batch()
+    calls = []
+    original = ctl.lookup.calibration.scales
+    ctl.lookup.calibration.scales = lambda ids: calls.append(list(ids)) or original(ids)
+    ctl.feedback(["a", "b"], [1, 1])
+    ctl.lookup.find(["a", "b"], tokens, lengths, None, k=4, max_model_len=100, threshold=0.3)
+    ctl.lookup.preempts(["a", "b"], 0.3)
+    first = ctl.lookup.choose(["a", "b"], 0.3, [0.0, 0.0])
+    assert calls == [["a", "b"]] and first[0] == [7, 8, 9, 5][: len(first[0])]
+    for _ in range(3):  # "a"'s chains are rejected at their first token: its scale must fall
+        ctl.lookup.feedback(["a", "b"], [1, 1])
+        ctl.lookup.find(["a", "b"], tokens, lengths, None, k=4, max_model_len=100)
+        chains = ctl.lookup.choose(["a", "b"], 0.3, [0.0, 0.0])
+    assert len(calls) == 4 and (chains[0] is None or len(chains[0]) < len(first[0]))
+
+
 def test_lookup_sees_the_tokens_sampled_this_step_and_never_passes_max_model_len(confidence_model):
     from vllm_specx.vllm_adapter.draft_length import _pending_tokens
 
