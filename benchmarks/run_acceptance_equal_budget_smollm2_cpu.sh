@@ -5,7 +5,8 @@
 #   benchmarks/drafters/edd-smollm2-135m-210steps  EDD, 210 optimiser steps (the bundled drafter until
 #                                                  session 6; restored byte for byte from commit 30a8649)
 #   benchmarks/drafters/eagle3-smollm2-135m        EAGLE-3, the same 210 steps on the same batches
-#   vllm_specx/assets/edd-smollm2-135m             the bundled EDD drafter (769 steps, more data)
+#   vllm_specx/assets/edd-smollm2-135m             the bundled EDD drafter (769 steps, more data; its
+#                                                  SpecVocab head as shipped, the others' heads are full)
 # eagle3 / edd_equal / edd_bundled_k5 draft a fixed chain of K = 5 with nothing else on (no early stop,
 # no prompt lookup): the drafters alone. edd_shipped is the bundled drafter as shipped (early stop,
 # lookup candidates, SpecVocab head; max K 8).
