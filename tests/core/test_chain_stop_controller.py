@@ -325,8 +325,8 @@ def test_lookup_scales_are_computed_once_per_step_and_afresh_after_feedback(conf
     ctl = _lookup_controller(confidence_model)
     tokens, lengths = _lookup_batch()
     calls = []
-    original = ctl.lookup.calibration.scales
-    ctl.lookup.calibration.scales = lambda ids: calls.append(list(ids)) or original(ids)
+    original = ctl.lookup.calibration._compute_scales
+    ctl.lookup.calibration._compute_scales = lambda ids: calls.append(list(ids)) or original(ids)
     ctl.feedback(["a", "b"], [1, 1])
     ctl.lookup.find(["a", "b"], tokens, lengths, None, k=4, max_model_len=100, threshold=0.3)
     ctl.lookup.preempts(["a", "b"], 0.3)

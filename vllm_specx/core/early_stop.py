@@ -504,6 +504,9 @@ class OnlineAcceptCalibration:
         self.decay, self.prior, self.max_scale, self.shared_decay = decay, prior, max_scale, shared_decay
         self._sums: dict[str, tuple[float, float]] = {}  # req_id -> (accepted, expected)
         self._shared = (0.0, 0.0)  # engine-wide (accepted, expected), decayed per step with evidence
+        # req_id -> scale since the last update: a step asks for the same scales several times (lookup's
+        # search bound, preemption, choice), and they change only in `update`
+        self._scale_of: dict[str, float] = {}
 
     def centre(self) -> float:
         """The scale of a request with no evidence of its own: 1, or the engine-wide ratio."""
@@ -513,12 +516,18 @@ class OnlineAcceptCalibration:
         return min((acc + self.prior) / (exp + self.prior), self.max_scale)
 
     def scales(self, req_ids: list[str]) -> torch.Tensor:  # -> [B]
+        missing = [r for r in req_ids if r not in self._scale_of]
+        if missing:
+            self._scale_of.update(zip(missing, self._compute_scales(missing)))
+        return torch.tensor([self._scale_of[r] for r in req_ids], dtype=torch.float32)
+
+    def _compute_scales(self, req_ids: list[str]) -> list[float]:
         centre = self.centre()
         out = []
         for r in req_ids:
             acc, exp = self._sums.get(r, (0.0, 0.0))
             out.append(min((acc + self.prior * centre) / (exp + self.prior), self.max_scale))
-        return torch.tensor(out, dtype=torch.float32)
+        return out
 
     def update(self, req_ids: list[str], accepted: list[int], expected: list[float]) -> None:
         """One verified step: per request, tokens accepted and tokens the model expected (0, 0 when
@@ -527,7 +536,7 @@ class OnlineAcceptCalibration:
         for r, a, e in zip(req_ids, accepted, expected):
             acc, exp = self._sums.get(r, (0.0, 0.0))
             new[r] = (acc * self.decay + a, exp * self.decay + e)
-        self._sums = new
+        self._sums, self._scale_of = new, {}
         if self.shared_decay is not None and sum(expected) > 0:
             acc, exp = self._shared
             self._shared = (acc * self.shared_decay + sum(accepted), exp * self.shared_decay + sum(expected))

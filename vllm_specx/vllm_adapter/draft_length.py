@@ -279,23 +279,13 @@ class LookupCandidates:
     stats: dict = field(default_factory=lambda: {"chosen": 0, "tokens": 0, "accepted": 0, "expected": 0.0})
     _chains: dict = field(default_factory=dict)   # req_id -> (chain np.ndarray, matched n), this step
     _verifying: dict = field(default_factory=dict)  # req_id -> (tokens proposed, expected accepted)
-    _scales: dict = field(default_factory=dict)  # req_id -> online scale, this step (fixed until feedback)
 
     def feedback(self, req_ids: list[str], num_sampled: list[int]) -> None:
         acc = [min(max(n - 1, 0), self._verifying[r][0]) if r in self._verifying else 0
                for r, n in zip(req_ids, num_sampled)]
         self.calibration.update(req_ids, acc, [self._verifying.get(r, (0, 0.0))[1] for r in req_ids])
         self.stats["accepted"] += sum(acc)
-        self._verifying, self._scales = {}, {}
-
-    def scales(self, req_ids: list[str]) -> list[float]:
-        """Per request: its online calibration scale. The calibration changes only in `feedback`, so a
-        step's find / preempts / choose share one computation (a Python loop over the batch); both
-        `feedback` and `find` (the first call of a step) start it afresh."""
-        missing = [r for r in req_ids if r not in self._scales]
-        if missing:
-            self._scales.update(zip(missing, self.calibration.scales(missing).tolist()))
-        return [self._scales[r] for r in req_ids]
+        self._verifying = {}
 
     def find(self, req_ids: list[str], token_ids, num_tokens, pending: list[list[int]] | None, k: int,
              max_model_len: int, threshold: float | None = None) -> None:
@@ -306,10 +296,10 @@ class LookupCandidates:
         clear it (its scale times the table's best first-token rate is below it) is not searched, which
         changes no decision of `preempts` or `choose` (at 64 in flight the search was ~1% of a step)."""
         max_n = len(self.table.first)
-        self._chains, self._scales = {}, {}  # a new step: scales are computed afresh
+        self._chains = {}
         rows = list(enumerate(req_ids))  # (row in the runner's batch, request)
         if threshold is not None and self.preempt_expected > 0:
-            scales = self.scales(req_ids)
+            scales = self.calibration.scales(req_ids).tolist()
             rows = [(i, r) for (i, r), s in zip(rows, scales) if self.table.may_clear(s, threshold)]
             self.stats["not_searched"] = self.stats.get("not_searched", 0) + len(req_ids) - len(rows)
             if self.metrics is not None:
@@ -325,8 +315,9 @@ class LookupCandidates:
     def _path_probs(self, req_ids: list[str]) -> list[tuple[np.ndarray, np.ndarray] | None]:
         """Per request: (this step's lookup chain, its path probabilities under the request's online
         scale), or None when its context has no repeated suffix n-gram."""
+        scales = self.calibration.scales(req_ids).tolist()
         out = []
-        for r, scale in zip(req_ids, self.scales(req_ids)):
+        for r, scale in zip(req_ids, scales):
             chain, n = self._chains.get(r, (None, 0))
             out.append((chain, self.table.path_probs(n, chain.size, scale)) if n else None)
         return out
