@@ -157,7 +157,9 @@ def tree_summary(counters: dict[str, float]) -> dict | None:
         return None
     return {"tree_request_steps": trees,
             "nodes_verified_per_tree": counters.get("specx:tree_nodes_verified_total", 0.0) / trees,
-            "nodes_accepted_per_tree": counters.get("specx:tree_nodes_accepted_total", 0.0) / trees}
+            "nodes_accepted_per_tree": counters.get("specx:tree_nodes_accepted_total", 0.0) / trees,
+            "expansions": counters.get("specx:tree_expansions_total", 0.0),
+            "runner_ups_expanded": counters.get("specx:tree_runner_ups_expanded_total", 0.0)}
 
 
 def summarize(d: dict) -> dict:

@@ -7,6 +7,8 @@
 #   fixed tree  the same 8-node budget with every threshold 0 (the best 8 nodes by path probability,
 #               EAGLE-2 style: no cost pruning),
 #   eagle3      vLLM's own eagle3 method with the equal-budget EAGLE-3 baseline drafter (K 5).
+# Results committed before session 14 were measured with runner-ups as leaves (no expansion below them),
+# which is SPECX_EXPAND_CHILDREN=0 now; benchmarks/run_pct_expand_smollm2_cpu.sh compares the two.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}

@@ -6,6 +6,8 @@
 # the lower threshold a machine with cheap verification (a GPU at small batch) would compute. Wall time
 # is then not the point (these thresholds do not pay on this CPU); acceptance and nodes per pass are.
 # Batch 1, 24 Spec-Bench prompts, 64 tokens, the bundled drafter (max K 8, node budget 8).
+# Results committed before session 14 were measured with runner-ups as leaves (no expansion below them),
+# which is SPECX_EXPAND_CHILDREN=0 now; benchmarks/run_pct_expand_smollm2_cpu.sh compares the two.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}

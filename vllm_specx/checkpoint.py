@@ -98,6 +98,10 @@ class SpecxConfig:
         thr = tree.get("threshold", 0.0)
         if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0.0 <= thr <= 1.0:
             raise SpecxConfigError(f"specx_config.json: tree.threshold must be a number in [0, 1], got {thr!r}")
+        children = tree.get("expand_children", 2)
+        if isinstance(children, bool) or not isinstance(children, int) or not 0 <= children <= 16:
+            raise SpecxConfigError("specx_config.json: tree.expand_children (children drafted under each runner-up, "
+                                   f"0 = none) must be an integer in [0, 16], got {children!r}")
 
     def _validate_lookup(self) -> None:
         lk = self.lookup

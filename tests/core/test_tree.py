@@ -199,3 +199,41 @@ def test_chain_with_siblings_keeps_paying_siblings_within_budget():
     # a threshold of 1 keeps no sibling (the chain nodes follow early stop, which applies its own threshold)
     none = chain_with_siblings(chain_ids, chain_len, chain_path, sib_ids, sib_probs, 1.0, node_budget=4)
     assert int(none.node_valid[:, 1:].sum()) == 3 + 1  # chain nodes follow early stop, not the threshold
+
+
+def test_siblings_to_expand_and_their_children_in_the_tree():
+    """Children drafted under kept siblings join the tree when their path prob (sibling path x child
+    confidence) pays; the budget keeps the best nodes, closed under ancestors; layout stays topological."""
+    from vllm_specx.core.tree import chain_with_siblings, check_tree, siblings_to_expand
+
+    chain_ids = torch.tensor([[10, 11, 12]])
+    chain_len = torch.tensor([2])
+    chain_path = torch.tensor([[0.6, 0.3, 0.1]])
+    sib_ids = torch.tensor([[[20, 21], [22, 23], [24, 25]]])
+    sib_probs = torch.tensor([[[0.3, 0.05], [0.4, 0.1], [0.2, 0.1]]])
+    # sibling paths: depth 0: 0.3, 0.05; depth 1: 0.6*0.4=0.24, 0.06; depth 2: 0.3*0.2=0.06, 0.03
+    expand = siblings_to_expand(chain_len, chain_path, sib_probs, 0.1, node_budget=4)
+    # nodes by score: chain0 0.6, sib(0,0) 0.3, chain1 0.3, sib(1,0) 0.24, ...: ranks < 3 expandable
+    assert expand.tolist() == [[[True, False], [False, False], [False, False]]]
+    assert siblings_to_expand(chain_len, chain_path, sib_probs, 0.1, node_budget=5)[0, 1, 0]
+    assert not siblings_to_expand(chain_len, chain_path, sib_probs, 0.35, node_budget=8).any()
+
+    child_ids = torch.zeros(1, 3, 2, 2, dtype=torch.long)
+    child_probs = torch.zeros(1, 3, 2, 2)
+    child_ids[0, 0, 0] = torch.tensor([30, 31])
+    child_probs[0, 0, 0] = torch.tensor([0.9, 0.05])   # paths 0.27 (kept), 0.015 (below threshold)
+    child_ids[0, 1, 1] = torch.tensor([32, 33])
+    child_probs[0, 1, 1] = torch.tensor([0.99, 0.5])   # under a sibling that is not kept: never in the tree
+    tree = chain_with_siblings(chain_ids, chain_len, chain_path, sib_ids, sib_probs, 0.1, node_budget=4,
+                               child_ids=child_ids, child_probs=child_probs)
+    check_tree(tree.parents, tree.node_valid)
+    n = int(tree.num_nodes[0])
+    nodes = dict(zip(tree.token_ids[0, 1:n].tolist(), tree.parents[0, 1:n].tolist()))
+    tok = tree.token_ids[0].tolist()
+    # best 4: chain0 0.6, sib 20 0.3, chain1 0.3, child 30 0.27 (beats sib 22 at 0.24)
+    assert set(nodes) == {10, 20, 11, 30}
+    assert tok[nodes[30]] == 20 and tok[nodes[11]] == 10 and nodes[10] == 0 and nodes[20] == 0
+    assert torch.allclose(tree.path_prob[0, tok.index(30)], torch.tensor(0.27))
+    # without children: the same call gives the chain-with-siblings tree
+    plain = chain_with_siblings(chain_ids, chain_len, chain_path, sib_ids, sib_probs, 0.1, node_budget=4)
+    assert set(plain.token_ids[0, 1:int(plain.num_nodes[0])].tolist()) == {10, 20, 11, 22}

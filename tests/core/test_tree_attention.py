@@ -112,3 +112,26 @@ def test_slot_mapping_follows_node_order():
     slots = tree_kv_slot_mapping(block_table, torch.tensor([3, 0]), torch.tensor([0, 3, 5]), 4)
     # request 0: positions 3, 4, 5 -> block 5 off 3, block 2 off 0/1; request 1: positions 0, 1
     assert slots.tolist() == [23, 8, 9, 4, 5]
+
+
+@pytest.mark.parametrize("rows_per_chunk", [2, 16])
+def test_branch_attention_equals_attention_over_context_prefix_plus_own_key(rows_per_chunk):
+    """Each branch row attends to a prefix of its request's (shuffled, paged) context and to its own
+    key, which is not in the cache: the same as dense attention over [prefix ; own key]."""
+    from vllm_specx.core.tree_attention import branch_attention_paged
+
+    case = make_case(4, [9, 30, 0, 17], [1, 1, 1, 1], 1, 6, 2, 8, 4)
+    g = torch.Generator().manual_seed(5)
+    req = torch.tensor([1, 0, 1, 3, 1, 2, 3])             # several rows per request, in any order
+    ctx = torch.tensor([30, 4, 12, 17, 0, 0, 1])           # prefix lengths, up to the whole context
+    R, Hq, Hkv, D = len(req), 6, 2, 8
+    q, k, v = (torch.randn(R, h, D, generator=g) for h in (Hq, Hkv, Hkv))
+    out = branch_attention_paged(q, k, v, case["key_cache"], case["value_cache"], case["block_table"][req], ctx,
+                                 0.4, rows_per_chunk=rows_per_chunk)
+    assert out.shape == q.shape and not out.isnan().any()
+    for r in range(R):
+        b, n = int(req[r]), int(ctx[r])
+        keys = torch.cat([case["ctx_k"][b][:n], k[r:r + 1]])
+        vals = torch.cat([case["ctx_v"][b][:n], v[r:r + 1]])
+        ref = causal_attention(q[r:r + 1], keys, vals, n, 0.4)
+        assert torch.allclose(out[r].double(), ref[0], atol=1e-5), r

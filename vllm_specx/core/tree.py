@@ -274,6 +274,40 @@ def build_fixed_tree(root_ids: Tensor, draft_level: DraftLevelFn, topk: int, max
                           max_frontier=topk, node_budget=node_budget)
 
 
+def _sibling_scores(chain_len: Tensor, chain_path_prob: Tensor, sib_probs: Tensor,
+                    node_threshold: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+    """(sibling path prob [B, D, m], sibling kept [B, D, m], chain node kept [B, D]): a sibling at depth d
+    is accepted iff the chain up to d-1 is and the target's token is that sibling, so its path prob is
+    path_prob(d-1) * q; it is kept when its parent is and the path prob beats the node threshold."""
+    B, D = chain_path_prob.shape
+    depth = torch.arange(D, device=chain_path_prob.device)
+    parent_prob = torch.cat([torch.ones(B, 1, device=chain_path_prob.device),
+                             chain_path_prob[:, :-1].float()], dim=1)  # [B, D]
+    parent_ok = depth[None, :] < chain_len[:, None] + 1                 # chain node d-1 kept (or the root)
+    thr = torch.as_tensor(node_threshold, dtype=torch.float32, device=chain_path_prob.device).reshape(-1, 1, 1)
+    sib_path = parent_prob[:, :, None] * sib_probs.float()              # [B, D, m]
+    return sib_path, parent_ok[:, :, None] & (sib_path > thr), depth[None, :] < chain_len[:, None]
+
+
+def siblings_to_expand(
+    chain_len: Tensor,        # [B] chain tokens kept, in [0, D]
+    chain_path_prob: Tensor,  # [B, D]
+    sib_probs: Tensor,        # [B, D, m]
+    node_threshold: Tensor | float,
+    node_budget: int,
+) -> Tensor:                  # [B, D, m] bool
+    """Siblings worth a drafter pass for their own children: kept siblings that rank among the
+    node_budget - 1 best nodes of the chain-with-siblings tree, so that the tree still has room for a
+    child under them (a child's path prob is at most its parent's, so it can only displace worse nodes)."""
+    B, D, m = sib_probs.shape
+    sib_path, sib_ok, chain_ok = _sibling_scores(chain_len, chain_path_prob, sib_probs, node_threshold)
+    score = torch.cat([torch.where(chain_ok, chain_path_prob.float(), -1.0)[:, :, None],
+                       torch.where(sib_ok, sib_path, -1.0)], dim=2).reshape(B, -1)  # [B, D*(1+m)]
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1]).expand(B, -1))
+    return sib_ok & (rank.view(B, D, 1 + m)[:, :, 1:] < node_budget - 1)
+
+
 def chain_with_siblings(
     chain_ids: Tensor,        # [B, D] chain (top-1) draft token per depth
     chain_len: Tensor,        # [B] chain tokens kept (early stop), in [0, D]
@@ -282,34 +316,43 @@ def chain_with_siblings(
     sib_probs: Tensor,        # [B, D, m] their draft probabilities (confidence = acceptance probability)
     node_threshold: Tensor | float,  # [B] or scalar: marginal node cost / target step (cost model)
     node_budget: int,         # verified nodes per request (excluding the root)
+    child_ids: Tensor | None = None,    # [B, D, m, c] drafted children of each sibling (expanded ones)
+    child_probs: Tensor | None = None,  # [B, D, m, c] their draft probabilities; 0 where not expanded
 ) -> DraftTree:
     """A PCT tree grown from a chain drafter: at each drafted depth, the chain node plus the runner-up
-    tokens of the same draft distribution as alternative children of the chain's previous node.
+    tokens of the same draft distribution as alternative children of the chain's previous node, and,
+    when given, the children drafted under those siblings (`siblings_to_expand`).
 
-    A sibling s at depth d is accepted iff the chain up to d-1 is and the target's token is s, so its
-    expected gain is path_prob(d-1) * q(s); it is kept only when that beats the node threshold, and
-    the best `node_budget` nodes by expected gain are kept overall (`select_top_nodes`). Node layout
-    before selection: depth d holds the chain node at 1 + d*(1+m), its siblings right after it.
+    Every node's expected gain is its path prob (product of acceptance estimates along its path: the
+    decision model's along the chain, draft confidence off it); a node is kept only when that beats the
+    node threshold and its parent is kept, and the best `node_budget` nodes are kept overall
+    (`select_top_nodes`). Node layout before selection: depth d holds the chain node at 1 + d*(1+m),
+    its siblings right after it; children follow all of them, in (depth, sibling, rank) order.
     """
     B, D = chain_ids.shape
     m = sib_ids.shape[2]
+    c = 0 if child_ids is None else child_ids.shape[3]
     dev = chain_ids.device
-    tree = DraftTree.new(torch.zeros(B, dtype=torch.long, device=dev), capacity=1 + D * (1 + m))
+    tree = DraftTree.new(torch.zeros(B, dtype=torch.long, device=dev), capacity=1 + D * (1 + m) * (1 + c))
     depth = torch.arange(D, device=dev)
     chain_node = 1 + depth * (1 + m)                                   # [D]
     parent = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), chain_node[:-1]])  # [D]
-    parent_prob = torch.cat([torch.ones(B, 1, device=dev), chain_path_prob[:, :-1].float()], dim=1)  # [B, D]
-    parent_ok = depth[None, :] < chain_len[:, None] + 1                # chain node d-1 kept (or root)
-    thr = torch.as_tensor(node_threshold, dtype=torch.float32, device=dev).reshape(-1, 1, 1)
-    sib_path = parent_prob[:, :, None] * sib_probs.float()             # [B, D, m]
-    sib_ok = parent_ok[:, :, None] & (sib_path > thr)
-    chain_ok = depth[None, :] < chain_len[:, None]
-    idx = torch.cat([chain_node[:, None], chain_node[:, None] + 1 + torch.arange(m, device=dev)[None, :]], 1)
-    idx = idx.reshape(-1)                                              # [D*(1+m)] in layout order
+    sib_path, sib_ok, chain_ok = _sibling_scores(chain_len, chain_path_prob, sib_probs, node_threshold)
+    sib_node = chain_node[:, None] + 1 + torch.arange(m, device=dev)[None, :]  # [D, m]
+    idx = torch.cat([chain_node[:, None], sib_node], 1).reshape(-1)     # [D*(1+m)] in layout order
     tree.parents[:, idx] = parent.repeat_interleave(1 + m)[None, :].expand(B, -1)
     tree.token_ids[:, idx] = torch.cat([chain_ids[:, :, None], sib_ids], 2).reshape(B, -1)
     tree.node_valid[:, idx] = torch.cat([chain_ok[:, :, None], sib_ok], 2).reshape(B, -1)
     tree.path_prob[:, idx] = torch.cat([chain_path_prob[:, :, None].float(), sib_path], 2).reshape(B, -1)
+    if c:
+        thr = torch.as_tensor(node_threshold, dtype=torch.float32, device=dev).reshape(-1, 1, 1, 1)
+        child_path = sib_path[..., None] * child_probs.float()         # [B, D, m, c]
+        child_ok = sib_ok[..., None] & (child_probs > 0) & (child_path > thr)
+        cidx = 1 + D * (1 + m) + torch.arange(D * m * c, device=dev)  # [D*m*c]
+        tree.parents[:, cidx] = sib_node.repeat_interleave(c).reshape(1, -1).expand(B, -1)
+        tree.token_ids[:, cidx] = child_ids.reshape(B, -1)
+        tree.node_valid[:, cidx] = child_ok.reshape(B, -1)
+        tree.path_prob[:, cidx] = child_path.reshape(B, -1)
     tree.parents.masked_fill_(~tree.node_valid, -1)
     tree.path_prob.masked_fill_(~tree.node_valid, 0.0)
     tree.path_prob[:, 0] = 1.0

@@ -102,3 +102,32 @@ def tree_attention_paged(
             query[t0:t1], qsl[s:e + 1] - t0, key_cache, value_cache, block_table[s:e],
             context_lens[s:e], tree_mask[s:e], scale)
     return out
+
+
+def branch_attention_paged(
+    query: Tensor,            # [R, Hq, D] one query per branch row
+    key: Tensor,              # [R, Hkv, D] the row's own key (its slot is not in the cache)
+    value: Tensor,            # [R, Hkv, D]
+    key_cache: Tensor,        # [num_blocks, block_size, Hkv, D]
+    value_cache: Tensor,      # [num_blocks, block_size, Hkv, D]
+    block_table: Tensor,      # [R, max_blocks] int: the block table row of each branch's request
+    context_lens: Tensor,     # [R] cache positions 0..context_lens[r]-1 that row r attends to
+    scale: float,
+    rows_per_chunk: int = 16,
+) -> Tensor:                  # [R, Hq, D]
+    """Each row attends to the first context_lens[r] positions of its request's paged cache plus its own
+    key/value: one step of a chain drafted along a branch, without writing the branch into the cache."""
+    assert query.shape[1] % key_cache.shape[2] == 0, "Hq must be a multiple of Hkv"
+    R = query.shape[0]
+    acc = torch.promote_types(query.dtype, torch.float32)
+    out = torch.empty_like(query)
+    for s in range(0, R, rows_per_chunk):
+        e = min(s + rows_per_chunk, R)
+        ctx = context_lens[s:e].long()
+        L = int(ctx.max()) if e > s else 0
+        k = torch.cat([_gather_kv(key_cache, block_table[s:e], ctx, L), key[s:e, None]], dim=1).to(acc)
+        v = torch.cat([_gather_kv(value_cache, block_table[s:e], ctx, L), value[s:e, None]], dim=1).to(acc)
+        pos = torch.arange(L + 1, device=query.device)[None, :]
+        mask = ((pos < ctx[:, None]) | (pos == L))[:, None, :]               # [r, 1, L+1]
+        out[s:e] = _attend(query[s:e, None].to(acc), k, v, mask, scale)[:, 0].to(query.dtype)
+    return out

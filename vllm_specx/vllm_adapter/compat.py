@@ -31,9 +31,16 @@ INTERNALS: tuple[Internal, ...] = (
              is_class=True, members=("combine_hidden_states", "compute_logits", "forward")),
     Internal("vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer.propose",
              "calls combine_hidden_states once, then model(input_ids, positions, hidden_states) per step, "
-             "feeding the second output back as the next step's hidden_states",
+             "feeding the second output back as the next step's hidden_states; PCT expansion reads its "
+             "target_positions[token_indices_to_sample] (the last accepted token, one before the root; "
+             "default query_start_loc[1:] - 1), next_token_ids (the root) and the block table",
              params=("self", "num_speculative_tokens", "target_token_ids", "target_positions",
-                     "target_hidden_states", "next_token_ids"), runner="v1"),
+                     "target_hidden_states", "next_token_ids", "token_indices_to_sample",
+                     "common_attn_metadata", "sampling_metadata"), runner="v1"),
+    Internal("vllm.v1.attention.backend:CommonAttentionMetadata",
+             "PCT expansion: block_table_tensor [B, max_blocks] (the drafter shares the target's KV cache "
+             "group) and query_start_loc [B + 1] of the proposer's first pass",
+             members=("__dataclass_fields__",), fields=("block_table_tensor", "query_start_loc"), runner="v1"),
     Internal("vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer",
              "shares the target's embedding and LM head when the drafter sets has_own_* = False",
              is_class=True, members=("_maybe_share_embeddings", "_maybe_share_lm_head", "load_model"), runner="v1"),
@@ -99,6 +106,10 @@ INTERNALS: tuple[Internal, ...] = (
              "PCT trees: during a tree step attention runs through core.tree_attention over the paged cache "
              "([num_blocks, Hkv, block_size, 2*D]: K rows then V rows per block)",
              params=("self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output"), runner="v1"),
+    Internal("vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadataBuilder._set_isa_to_layers",
+             "PCT expansion reads the drafter's own cache (Attention.kv_cache, bound by vLLM) in the layout of "
+             "layer.isa, which this builder method sets on every attention layer", params=("self", "layer_names"),
+             runner="v1"),
     Internal("vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadata",
              "PCT trees: per-request query_start_loc, seq_lens, block_table", members=("__dataclass_fields__",),
              fields=("num_actual_tokens", "query_start_loc", "seq_lens", "block_table"), runner="v1"),

@@ -16,6 +16,11 @@ How it plugs in (each vLLM internal is declared in `compat.INTERNALS`):
   5. With a `lookup` table (`LookupCandidates`), the same runner wrapper finds each request's prompt-
      lookup chain before drafting, and `take_draft_token_ids` verifies it instead of the drafter's
      chain (or tree) where it expects more accepted tokens (`core.lookup`).
+  6. PCT trees (`max_siblings` > 0): each depth's runner-up tokens are offered as alternative children of
+     the chain's previous node; after the chain loop, one more drafter pass (`ChainStopController.expand`,
+     `SpecxEddForCausalLM.branch_logprobs`) drafts children under the runner-ups worth it, reading the
+     drafter's paged KV cache (context + the chain nodes above the runner-up) without writing to it; the
+     tree keeps the best nodes by expected gain (`core.tree.chain_with_siblings`), `tree_step` verifies it.
 Lossless: stopping only removes proposals; the target verifies whatever remains. Greedy draft
 sampling only: when vLLM samples drafts probabilistically (draft probabilities kept for rejection
 sampling) the step runs at fixed K so that probabilities and tokens stay aligned.
@@ -64,6 +69,7 @@ class ChainStopController:
     metrics: object | None = None  # prom_metrics.SpecxMetrics
     payoff: DraftingPayoff | None = None  # skips whole steps whose drafting recently did not pay
     max_siblings: int = 0  # PCT: runner-up tokens per depth offered as alternative children (0: chains)
+    expand_children: int = 0  # PCT: children drafted under each runner-up worth expanding (0: runner-ups are leaves)
     sibling_threshold_for_batch: callable | None = None  # default: threshold_for_batch
     lookup: LookupCandidates | None = None  # prompt-lookup chains competing with the drafter's
     # Steps that do not pay (cost model / payoff, not lookup preemption) also skip the drafter's forward
@@ -74,6 +80,7 @@ class ChainStopController:
     _num_sampled: list[int] | None = None  # this step's feedback, aligned with _req_ids
     _forward_skippable: bool = False
     _sibs: list = field(default_factory=list)  # per depth: (ids [B, m], probs [B, m], chain path prob [B])
+    _children: tuple | None = None  # (ids [B, D, m, c], probs [B, D, m, c]) drafted under runner-ups, or None
     _trees: list | None = None  # per request: (node tokens, parents) of the step that just ran
     stats: dict = field(default_factory=lambda: {"steps": 0, "early_exits": 0, "kept": 0, "max_tokens": 0})
     _armed: bool = False
@@ -111,7 +118,7 @@ class ChainStopController:
 
     def begin(self, armed: bool) -> None:
         self._armed, self._depth, self._tokens, self._lengths, self._path_conf = armed, 0, [], None, None
-        self._sibs, self._trees, self._sibling_threshold = [], None, None
+        self._sibs, self._trees, self._sibling_threshold, self._children = [], None, None, None
 
     def skip_step(self, batch_size: int) -> bool:
         """True when drafting does not pay at this batch size (cost model, and what drafting steps at
@@ -227,17 +234,53 @@ class ChainStopController:
         return lengths
 
 
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(chain ids [B, D], chain path prob [B, D], runner-up ids [B, D, m], their probs [B, D, m])."""
+        return (torch.stack([t.cpu() for t in self._tokens], dim=1), torch.stack([s[2] for s in self._sibs], dim=1),
+                torch.stack([s[0] for s in self._sibs], dim=1), torch.stack([s[1] for s in self._sibs], dim=1))
+
+    def expand(self, model, bonus: torch.Tensor, root_pos: torch.Tensor, block_table: torch.Tensor) -> None:
+        """After the chain loop: one more drafter pass drafts the children of the runner-ups worth it
+        (`core.tree.siblings_to_expand`), for `_build_trees`. bonus [B]: the token the target sampled last
+        (the root, at position root_pos [B]); block_table [B, max_blocks]: the batch's KV block table. A
+        runner-up at depth d hangs under chain node d-1 (the root for d = 0), at position root + d + 1."""
+        from vllm_specx.core.tree import siblings_to_expand
+
+        self._children = None
+        lengths = self._lengths
+        if self.expand_children <= 0 or self._sibling_threshold is None or lengths is None or not self._sibs \
+                or len(self._sibs) != len(self._tokens) or len(lengths) != bonus.shape[0]:
+            return
+        chain_ids, chain_path, sib_ids, sib_probs = self._stacked()
+        worth = siblings_to_expand(torch.tensor(lengths), chain_path, sib_probs, self._sibling_threshold,
+                                   node_budget=self.policy.max_k)
+        req, depth, sib = worth.nonzero().unbind(1)  # [R] each
+        if req.numel() == 0:
+            return
+        parent = torch.where(depth == 0, bonus.cpu()[req], chain_ids[req, (depth - 1).clamp(min=0)])
+        dev = bonus.device
+        logp = model.branch_logprobs(sib_ids[req, depth, sib].to(dev), parent.to(dev),
+                                     (root_pos.cpu()[req] + depth).to(dev), block_table[req.to(block_table.device)])
+        top_lp, top_i = logp.topk(self.expand_children, dim=-1)  # [R, c]
+        shape = (*sib_ids.shape, self.expand_children)
+        child_ids, child_probs = torch.zeros(shape, dtype=torch.long), torch.zeros(shape)
+        child_ids[req, depth, sib], child_probs[req, depth, sib] = top_i.cpu(), top_lp.exp().float().cpu()
+        self._children = (child_ids, child_probs)
+        self.stats["expansions"] = self.stats.get("expansions", 0) + 1
+        self.stats["runner_ups_expanded"] = self.stats.get("runner_ups_expanded", 0) + int(req.numel())
+        if self.metrics is not None:
+            self.metrics.tree_expansions.inc()
+            self.metrics.tree_runner_ups_expanded.inc(int(req.numel()))
+
     def _build_trees(self, lengths: list[int]) -> list[tuple[list[int], list[int]]]:
         from vllm_specx.core.tree import chain_with_siblings
 
         b = len(lengths)
-        chain_ids = torch.stack([t.cpu() for t in self._tokens], dim=1)  # [B, D]
-        sib_ids = torch.stack([s[0] for s in self._sibs], dim=1)        # [B, D, m]
-        sib_probs = torch.stack([s[1] for s in self._sibs], dim=1)
-        chain_path = torch.stack([s[2] for s in self._sibs], dim=1)     # [B, D]
+        chain_ids, chain_path, sib_ids, sib_probs = self._stacked()
+        child_ids, child_probs = self._children or (None, None)
         tree = chain_with_siblings(chain_ids, torch.tensor(lengths), chain_path, sib_ids, sib_probs,
-                                   self._sibling_threshold,
-                                   node_budget=self.policy.max_k)
+                                   self._sibling_threshold, node_budget=self.policy.max_k,
+                                   child_ids=child_ids, child_probs=child_probs)
         out = []
         for r in range(b):
             n = int(tree.num_nodes[r])
@@ -348,9 +391,9 @@ def load_controller(drafter_dir: str | Path, early_stop: dict, max_k: int,
                     tree: dict | None = None, vocab_mode: str | None = None,
                     lookup: dict | None = None) -> ChainStopController | None:
     """The controller described by specx_config.json's `early_stop` section (None when absent/off).
-    tree = {"max_siblings": m, optional "threshold"}: draft PCT trees (chain + pruned runner-up
-    children, see core.tree); their node threshold is the cost model's, else tree.threshold, else
-    the early-stop threshold. The cost model is the first one measured on this machine
+    tree = {"max_siblings": m, optional "threshold", "expand_children": c}: draft PCT trees (chain + pruned
+    runner-up children, and c children drafted under the runner-ups worth it; see core.tree); their node
+    threshold is the cost model's, else tree.threshold, else the early-stop threshold. The cost model is the first one measured on this machine
     (`calibrate.find_cost_model`: the drafter folder, then its cost_models/<machine>/ folders); one
     measured in the LM-head mode in use, vocab_mode (`cost_model.<mode>.json`, written by `vllm-specx
     calibrate` under SPECX_VOCAB=<mode>), wins over the default file, since the head's mode changes the
@@ -436,6 +479,7 @@ def load_controller(drafter_dir: str | Path, early_stop: dict, max_k: int,
     return ChainStopController(
         DraftLengthPolicy(max_k, model), proj, threshold, calibration=calibration, drafting_pays=drafting_pays,
         metrics=specx_metrics(), payoff=payoff, skip_forward=skip_forward, max_siblings=int(tree.get("max_siblings", 0)),
+        expand_children=int(tree.get("expand_children", 0)),
         sibling_threshold_for_batch=sibling_threshold,
         lookup=None if lookup is None else _lookup_candidates(lookup))
 
@@ -474,6 +518,7 @@ def _wrap_propose(orig):
         greedy_drafts = not self._enable_probabilistic_draft_probs or bool(sampling.all_greedy)
         ctl.begin(armed=greedy_drafts and self.num_speculative_tokens > 1)
         next_token_ids = kwargs.get("next_token_ids", args[3] if len(args) > 3 else None)  # [B]
+        branch_ctx = _branch_context(args, kwargs, next_token_ids) if greedy_drafts and ctl.expand_children else None
         if greedy_drafts:
             # A skipped step runs the drafter's forward over the new tokens (its KV cache stays complete,
             # so later drafting is as good as if nothing was skipped) and stops right before the LM head
@@ -482,14 +527,31 @@ def _wrap_propose(orig):
             if ctl.skip_step(next_token_ids.shape[0]) and ctl.forward_skipped():
                 return torch.empty((next_token_ids.shape[0], 0), dtype=torch.long, device=next_token_ids.device)
         try:
-            return orig(self, num_speculative_tokens, *args, **kwargs)
+            tokens = orig(self, num_speculative_tokens, *args, **kwargs)
         except _AllStopped as stop:
-            return stop.tokens
+            tokens = stop.tokens
         finally:
             ctl.forward_ran()
+        if branch_ctx is not None:
+            ctl.expand(self.model, *branch_ctx)
+        return tokens
 
     propose.__specx_wrapped__ = True
     return propose
+
+
+def _branch_context(args, kwargs, next_token_ids) -> tuple | None:
+    """(root token [B], root position [B], block table [B, max_blocks]) from the proposer's arguments,
+    read before it runs (it rewrites the attention metadata as it drafts): the sampled row of each request
+    holds the last accepted token, one position before the root (`set_inputs_first_pass`)."""
+    positions = kwargs.get("target_positions", args[1] if len(args) > 1 else None)
+    sample_rows = kwargs.get("token_indices_to_sample", args[4] if len(args) > 4 else None)
+    metadata = kwargs.get("common_attn_metadata", args[5] if len(args) > 5 else None)
+    if positions is None or metadata is None or next_token_ids is None or positions.dim() != 1:
+        return None  # M-RoPE targets: no expansion
+    if sample_rows is None:
+        sample_rows = metadata.query_start_loc[1:] - 1
+    return next_token_ids.clone(), positions[sample_rows].long() + 1, metadata.block_table_tensor
 
 
 def _wrap_take(orig):

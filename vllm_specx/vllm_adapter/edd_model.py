@@ -90,6 +90,21 @@ class EddAttention(nn.Module):
         out, _ = self.o_proj(out if rows is None else out[rows])
         return out
 
+    def forward_branches(self, slots: torch.Tensor, query_in: torch.Tensor, context_in: torch.Tensor,
+                         attend) -> torch.Tensor:  # -> [R, H]
+        """One draft step along R branches whose own slots are not in the cache (see `forward`):
+        attend(q [R, Hq, D], k [R, Hkv, D], v [R, Hkv, D]) -> [R, Hq, D] adds the cached context."""
+        num_rows = query_in.shape[0]
+        qkv, _ = self.qkv_proj(torch.cat([query_in, context_in], dim=0))
+        q = qkv[:num_rows, : self.q_size]
+        k, v = qkv[num_rows:, self.q_size :].split([self.kv_size, self.kv_size], dim=-1)
+        q, _ = self.rotary_emb(slots + 1, q.contiguous(), None)
+        k, _ = self.rotary_emb(slots, k.contiguous(), None)
+        out = attend(q.view(num_rows, self.num_heads, self.head_dim),
+                     k.view(num_rows, self.num_kv_heads, self.head_dim), v.reshape(num_rows, self.num_kv_heads, self.head_dim))
+        out, _ = self.o_proj(out.reshape(num_rows, self.q_size))
+        return out
+
 
 class EddDecoder(nn.Module):
     def __init__(self, config, vllm_config: VllmConfig, prefix: str):
@@ -124,13 +139,24 @@ class EddDecoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         attn = self.self_attn(positions, self.input_layernorm(embeds), self.context_layernorm(context), rows)
-        x = (embeds if rows is None else embeds[rows]) + attn
-        gate_up, _ = self.gate_up_proj(self.post_attention_layernorm(x))
-        mlp, _ = self.down_proj(self.act(gate_up))
-        out = self.norm(x + mlp)
+        out = self._finish((embeds if rows is None else embeds[rows]) + attn)
         if rows is not None:
             out = embeds.new_zeros(embeds.shape).index_copy_(0, rows, out)
         return out, embeds
+
+    def forward_branches(self, tokens: torch.Tensor, parent_tokens: torch.Tensor, slots: torch.Tensor,
+                         attend) -> torch.Tensor:
+        """tokens [R]: branch nodes (drafted, not in the cache), parent_tokens [R]: their parents, whose
+        context vectors (draft-token embeddings) belong in slots [R]; the query in slot s reads the branch
+        token at position s + 1 and predicts its child (the layout of `forward`). -> normed hidden [R, H]."""
+        embeds = self.embed_tokens(tokens)
+        context = self.context_layernorm(self.embed_tokens(parent_tokens))
+        return self._finish(embeds + self.self_attn.forward_branches(slots, self.input_layernorm(embeds), context, attend))
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:  # after attention: MLP, final norm
+        gate_up, _ = self.gate_up_proj(self.post_attention_layernorm(x))
+        mlp, _ = self.down_proj(self.act(gate_up))
+        return self.norm(x + mlp)
 
 
 class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
@@ -220,19 +246,44 @@ class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
         # of the row are exactly the drafter's proposal distribution.
         if self.draft_length is not None:  # a skipped step ends here, after the drafter's KV was written
             self.draft_length.before_head(hidden_states.shape[0], hidden_states.device)
-        subset = self.vocab_head is not None and self.vocab_head.pays(hidden_states.shape[0])
-        if self.vocab_head is not None and self._metrics is not None:
-            (self._metrics.vocab_subset_rows if subset else self._metrics.vocab_full_rows).inc(hidden_states.shape[0])
-        topk_logprobs = None  # [B, k]: the subset row's finite entries, when the head has them at hand
-        with draft_profile.timed("head", hidden_states.device):
-            if subset:
-                logits, topk_logprobs = self.vocab_head(hidden_states, self.lm_head.weight, with_topk=True)
-            else:
-                logits = self.logits_processor(self.lm_head, hidden_states)
+        logits, subset, topk_logprobs = self._head(hidden_states)
         if self.draft_length is not None and logits is not None:
             # may end the drafting loop early
             self.draft_length.observe(hidden_states, logits, logprobs=subset, topk_logprobs=topk_logprobs)
         return logits
+
+    def _head(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor | None, bool, torch.Tensor | None]:
+        """-> (logits [B, V], or log-probs of a vocabulary subset (-inf elsewhere) when subset is True;
+        subset; the subset row's finite entries [B, k] when the head has them at hand, else None)."""
+        subset = self.vocab_head is not None and self.vocab_head.pays(hidden_states.shape[0])
+        if self.vocab_head is not None and self._metrics is not None:
+            (self._metrics.vocab_subset_rows if subset else self._metrics.vocab_full_rows).inc(hidden_states.shape[0])
+        with draft_profile.timed("head", hidden_states.device):
+            if subset:
+                logits, topk_logprobs = self.vocab_head(hidden_states, self.lm_head.weight, with_topk=True)
+                return logits, True, topk_logprobs
+            return self.logits_processor(self.lm_head, hidden_states), False, None
+
+    def branch_logprobs(self, tokens: torch.Tensor, parent_tokens: torch.Tensor, slots: torch.Tensor,
+                        block_table: torch.Tensor) -> torch.Tensor:
+        """The drafter's next-token log-probs [R, V] after R tree branches that are not in its KV cache
+        (PCT expansion below runner-up tokens): row r continues the chain of its request whose drafter
+        cache holds positions < slots[r] (block_table [R, max_blocks], that request's row), with
+        parent_tokens[r] at position slots[r] and tokens[r] after it. Reads the cache, writes nothing
+        (vLLM-CPU's KV layout; trees run on CPU only, see tree_step.trees_supported)."""
+        from vllm_specx.core.tree_attention import branch_attention_paged
+        from vllm_specx.vllm_adapter.tree_step import cpu_kv_views
+
+        attn = self.model.self_attn.attn
+        key_cache, value_cache = cpu_kv_views(attn.kv_cache, attn.isa)
+
+        def attend(q, k, v):
+            return branch_attention_paged(q, k, v, key_cache, value_cache, block_table, slots,
+                                          self.model.self_attn.head_dim**-0.5)
+
+        hidden = self.model.forward_branches(tokens, parent_tokens, slots, attend)
+        logits, subset, _ = self._head(hidden)
+        return logits.float() if subset else torch.log_softmax(logits.float(), dim=-1)
 
     def combine_hidden_states(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # [T, Ht] target hidden state at the EDD layer -> soft-prompt context vector [T, H]
@@ -282,7 +333,7 @@ def _draft_length_controller(speculative_config, runner: str, specx, vocab_mode:
         return None
     from vllm_specx.vllm_adapter.draft_length import install_runner_hooks, load_controller
 
-    tree = tree_settings(specx.tree)
+    tree = tree_settings(specx.tree, branches_verifiable=_trees_verifiable(speculative_config))
     controller = load_controller(folder, specx.early_stop, speculative_config.num_speculative_tokens, tree,
                                  vocab_mode, lookup_settings(specx.lookup))
     if controller is not None:
@@ -296,6 +347,15 @@ def _draft_length_controller(speculative_config, runner: str, specx, vocab_mode:
             "vllm-specx: PCT trees need the drafter's early-stop model (the `early-stop` training stage); "
             "drafting chains.")
     return controller
+
+
+def _trees_verifiable(speculative_config) -> bool:
+    """What `tree_step.trees_supported` will say of the runner: vLLM-CPU, one worker."""
+    from vllm.platforms import current_platform
+
+    par = getattr(speculative_config, "target_parallel_config", None)
+    single = par is None or (par.tensor_parallel_size == 1 and par.pipeline_parallel_size == 1)
+    return current_platform.is_cpu() and single
 
 
 def lookup_settings(lookup: dict) -> dict | None:
@@ -313,14 +373,20 @@ def lookup_settings(lookup: dict) -> dict | None:
     return lookup if enabled else None
 
 
-def tree_settings(tree: dict) -> dict | None:
+DEFAULT_EXPAND_CHILDREN = 2  # children drafted under each runner-up worth expanding
+
+
+def tree_settings(tree: dict, branches_verifiable: bool = True) -> dict | None:
     """PCT tree settings from specx_config.json's `tree` section ({"max_siblings": m, optional
-    "threshold"}), or None for chains; SPECX_TREE=0/1 in the environment overrides `enabled`."""
+    "threshold", "expand_children": c}), or None for chains; SPECX_TREE=0/1 in the environment overrides
+    `enabled`, SPECX_EXPAND_CHILDREN=c `expand_children`. Runner-ups are expanded only where trees are
+    verified (branches_verifiable; elsewhere the chain is verified and an expansion pass would be wasted)."""
     env = os.environ.get("SPECX_TREE")
     enabled = tree.get("enabled", False) if env is None else env == "1"
     if not enabled:
         return None
-    out = {"max_siblings": int(tree.get("max_siblings", 3))}
+    expand = int(os.environ.get("SPECX_EXPAND_CHILDREN", tree.get("expand_children", DEFAULT_EXPAND_CHILDREN)))
+    out = {"max_siblings": int(tree.get("max_siblings", 3)), "expand_children": expand if branches_verifiable else 0}
     if "threshold" in tree:
         out["threshold"] = float(tree["threshold"])
     return out

@@ -15,6 +15,8 @@ default registry.
   specx:tree_requests_total               request steps verified as PCT trees
   specx:tree_nodes_verified_total         draft nodes of those trees verified by the target
   specx:tree_nodes_accepted_total         draft nodes of those trees accepted
+  specx:tree_expansions_total             drafter passes that drafted children under runner-up tokens
+  specx:tree_runner_ups_expanded_total    runner-up tokens expanded by those passes
   specx:vocab_subset_rows_total           draft rows scored by the SpecVocab / fixed-vocabulary head
   specx:vocab_full_rows_total             draft rows a subset-vocabulary drafter sent to its full head
                                           (batches above vocab.max_batch)
@@ -47,6 +49,8 @@ class SpecxMetrics:
         self.tree_requests = counter("tree_requests", "request steps verified as PCT trees")
         self.tree_nodes_verified = counter("tree_nodes_verified", "draft nodes of PCT trees verified by the target")
         self.tree_nodes_accepted = counter("tree_nodes_accepted", "draft nodes of PCT trees accepted")
+        self.tree_expansions = counter("tree_expansions", "drafter passes that drafted children under runner-ups")
+        self.tree_runner_ups_expanded = counter("tree_runner_ups_expanded", "runner-up tokens expanded")
         self.vocab_subset_rows = counter("vocab_subset_rows", "draft rows scored by the subset-vocabulary head")
         self.vocab_full_rows = counter("vocab_full_rows",
                                        "draft rows a subset-vocabulary drafter sent to its full head")
