@@ -333,7 +333,7 @@ def chain_with_siblings(
     m = sib_ids.shape[2]
     c = 0 if child_ids is None else child_ids.shape[3]
     dev = chain_ids.device
-    tree = DraftTree.new(torch.zeros(B, dtype=torch.long, device=dev), capacity=1 + D * (1 + m) * (1 + c))
+    tree = DraftTree.new(torch.zeros(B, dtype=torch.long, device=dev), capacity=1 + D * (1 + m) + D * m * c)
     depth = torch.arange(D, device=dev)
     chain_node = 1 + depth * (1 + m)                                   # [D]
     parent = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), chain_node[:-1]])  # [D]

