@@ -28,6 +28,8 @@ def test_good_config_roundtrip(tmp_path):
     (lambda d: d["target"].update(vocab_size=-3), "target.vocab_size must be a positive integer"),
     (lambda d: d.update(format_version=99), "format_version 99"),
     (lambda d: d.update(tree=[1, 2]), "'tree' must be an object"),
+    (lambda d: d.update(tree={"expand_children": 17}), "tree.expand_children"),
+    (lambda d: d.update(tree={"branch_decision": "yes"}), "tree.branch_decision"),
     (lambda d: d.update(vocab=[1]), "'vocab' must be an object"),
     (lambda d: d.update(vocab_mode="speculative"), "needs a 'vocab' section"),
     (lambda d: d.update(vocab={"path": "/abs/vocab.safetensors"}), "vocab.path must be a file name inside"),

@@ -102,6 +102,9 @@ class SpecxConfig:
         if isinstance(children, bool) or not isinstance(children, int) or not 0 <= children <= 16:
             raise SpecxConfigError("specx_config.json: tree.expand_children (children drafted under each runner-up, "
                                    f"0 = none) must be an integer in [0, 16], got {children!r}")
+        if not isinstance(tree.get("branch_decision", True), bool):
+            raise SpecxConfigError("specx_config.json: tree.branch_decision (the decision model estimates the children "
+                                   "of expanded runner-ups) must be true or false")
 
     def _validate_lookup(self) -> None:
         lk = self.lookup

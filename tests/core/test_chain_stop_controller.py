@@ -1,5 +1,7 @@
 """The per-request draft-length controller used inside vLLM, driven by synthetic draft steps."""
 
+import math
+
 import pytest
 import torch
 
@@ -398,3 +400,64 @@ def test_forward_is_skipped_only_on_decode_steps_of_requests_the_drafter_has_see
     off.feedback(["a", "b"], [1, 1]), off.begin(armed=True), off.forward_ran(), off.finish()
     off.feedback(["a", "b"], [1, 1]), off.begin(armed=True)
     assert off.skip_step(2) and not off.forward_skipped()  # skip_forward off: the head only
+
+
+class _DepthModel:
+    """Decision-model stand-in: accept prob 0.9 for a draft step at depth 0, `deeper` below; records the
+    feature rows it is asked about."""
+
+    def __init__(self, deeper: float):
+        self.deeper, self.rows = deeper, []
+
+    def predict_accept_prob(self, feats):
+        self.rows.append(feats.clone())
+        return torch.where(feats[:, 4] == 0, 0.9, self.deeper)
+
+
+class _BranchDrafter:
+    """The drafter's branch pass: every expanded runner-up gets children 11 (p 0.6) and 12 (p 0.3)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def branch_logprobs(self, tokens, parent_tokens, slots, block_table):
+        self.calls.append((tokens.clone(), parent_tokens.clone(), slots.clone()))
+        probs = torch.full((tokens.shape[0], 50), 0.1 / 48)
+        probs[:, 11], probs[:, 12] = 0.6, 0.3
+        return torch.randn(tokens.shape[0], 8), probs.log()
+
+
+@pytest.mark.parametrize("deeper, branch_decision, child_kept", [
+    (0.1, True, False),   # the model: the runner-up's best child is rarely accepted -> 0.4 * 0.1 < 0.05: cut
+    (0.9, True, True),    # 0.4 * 0.9 > 0.05: kept
+    (0.1, False, True),   # switched off: draft confidence 0.4 * 0.6 > 0.05 keeps it whatever the model says
+])
+def test_decision_model_stops_branches_below_runner_ups(deeper, branch_decision, child_kept):
+    """A chain of one token (the model says stop at depth 1), a runner-up (id 3, p 0.4) at depth 0 that is
+    expanded; the decision model reads the runner-up's draft step (child depth 1, path confidence 0.4, its
+    children's top-2) and its estimate decides whether the best child (11) joins the tree."""
+    model = _DepthModel(deeper)
+    # chain threshold between 0.9 * deeper and 0.9: depth 0 is kept, depth 1 is not
+    ctl = ChainStopController(DraftLengthPolicy(3, model), None, lambda b: 0.3 if deeper < 0.5 else 0.85,
+                              max_siblings=2, expand_children=1, sibling_threshold_for_batch=lambda b: 0.05,
+                              branch_decision=branch_decision)
+    ctl.begin(armed=True)
+    probs = torch.full((2, 50), 0.1 / 48)
+    probs[0, 7], probs[0, 3] = 0.5, 0.4  # depth 0: chain token 7, runner-up 3
+    probs[1, 8] = 0.9  # depth 1 (not kept; its runner-ups too unlikely for the tree)
+    with pytest.raises(_AllStopped):
+        for d in range(3):
+            ctl.observe(torch.randn(1, 8), probs[min(d, 1)][None].log())
+    drafter = _BranchDrafter()
+    ctl.expand(drafter, bonus=torch.tensor([5]), root_pos=torch.tensor([20]), block_table=torch.zeros(1, 4, dtype=torch.long))
+    assert ctl.finish() == [1]
+    tokens, parents = ctl._trees[0]
+    assert drafter.calls and drafter.calls[0][0].tolist() == [3] and drafter.calls[0][1].tolist() == [5]
+    sib = tokens.index(3) + 1  # node number of the runner-up (node 0 is the root)
+    assert (11 in tokens and parents[tokens.index(11)] == sib) == child_kept, (tokens, parents)
+    if branch_decision:  # the branch step's features: child depth 1, log path confidence log(0.4), top-2 0.6/0.3
+        branch_row = model.rows[-1][0]
+        assert branch_row[4] == 1 and branch_row[5] == pytest.approx(math.log(0.4), abs=1e-5)
+        assert branch_row[:2].tolist() == pytest.approx([0.6, 0.3], abs=1e-5)
+    else:
+        assert len(model.rows) == 2  # the chain's two steps only: the branch step was not scored

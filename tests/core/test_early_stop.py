@@ -11,6 +11,7 @@ from vllm_specx.core.early_stop import (
     EarlyStopMLP,
     acceptance_labels_greedy,
     acceptance_labels_sampling,
+    branch_child_probs,
     continue_drafting,
     draft_step_features,
     feature_names,
@@ -294,6 +295,21 @@ def test_prune_branches_uses_per_request_threshold():
     assert keep.tolist() == [[True, True, False], [True, False, False]]
     keep = prune_branches(accept, path, torch.tensor([0.0, 1.0]))
     assert keep.tolist() == [[True, True, True], [False, False, False]]
+
+
+def test_branch_child_probs_put_the_models_estimate_on_the_best_child_and_share_the_rest():
+    conf = torch.tensor([[0.6, 0.3], [0.6, 0.3], [0.5, 0.0], [0.0, 0.0]])  # [R, c]; row 3: not drafted
+    accept = torch.tensor([0.2, 1.0, 0.9, 0.7])
+    out = branch_child_probs(conf, accept)
+    # row 0: the best child 0.2; the other shares 1 - 0.2 in proportion to its confidence among the rest (0.3 / 0.4)
+    expect = torch.tensor([[0.2, 0.8 * 0.3 / 0.4], [1.0, 0.0], [0.9, 0.0], [0.0, 0.0]])
+    assert torch.allclose(out, expect, atol=1e-6), out
+    assert (out.sum(-1) <= 1 + 1e-6).all()  # exclusive events
+    # a confident drafter whose listed runner-ups already hold all the rest: still a distribution
+    out = branch_child_probs(torch.tensor([[0.9999999, 1e-7]]), torch.tensor([0.1]))
+    assert out.sum() <= 1 + 1e-6 and out[0, 0] == pytest.approx(0.1)
+    # shapes [B, D, m, c] with accept [B, D, m]
+    assert branch_child_probs(torch.rand(2, 3, 4, 2), torch.rand(2, 3, 4)).shape == (2, 3, 4, 2)
 
 
 # ----------------------------------------------------------------------------- chain policy

@@ -53,6 +53,7 @@ def _record_chain_and_check_expansion(monkeypatch):
         orig_expand(self, model, bonus, root_pos, block_table)
         seen["expanded"] += self.stats.get("runner_ups_expanded", 0) - before
         real_sibs, real_children, logps = self._sibs, self._children, seen["step_logp"]
+        real_accept = self._branch_accept
         if real_children is None and not real_sibs:
             return
         fake = []
@@ -73,7 +74,7 @@ def _record_chain_and_check_expansion(monkeypatch):
             seen["checked"].append(d)
             parent = bonus[b] if d == 0 else self._tokens[d - 1][b]
             seen["new_parent"] += int(parent.item() != self._tokens[d][b].item())  # a branch, not a repeat
-        self._sibs, self._children = real_sibs, real_children
+        self._sibs, self._children, self._branch_accept = real_sibs, real_children, real_accept
 
     monkeypatch.setattr(ChainStopController, "observe", observe)
     monkeypatch.setattr(ChainStopController, "expand", expand)
@@ -129,3 +130,40 @@ def test_children_of_runner_ups_reach_verification_and_stay_lossless(tiny_target
     assert_same_tokens(tiny_plain_outputs["many"].token_ids, res.token_ids)
     assert tree_step.STATS["nodes_verified"] - before["nodes_verified"] == res.metrics.num_draft_tokens
     assert len(depth2_under_runner_up) > 0
+
+
+@pytest.mark.parametrize("verdict", [0.0, 1.0])
+def test_decision_model_estimates_decide_which_children_of_runner_ups_are_verified(
+        verdict, tiny_target, edd_tree_drafter, tiny_plain_outputs, monkeypatch):
+    """The decision model reads each expanded runner-up's draft step inside vLLM (real branch rows: its
+    features are checked) and its estimate, here overridden to `verdict`, decides the best child: 0 stops
+    every branch (no node under a runner-up is verified though runner-ups were expanded), 1 keeps them.
+    One child per runner-up (SPECX_EXPAND_CHILDREN=1), so the best child is the only one."""
+    from vllm_specx.vllm_adapter import tree_step
+    from vllm_specx.vllm_adapter.draft_length import ChainStopController
+
+    monkeypatch.setenv("SPECX_EXPAND_CHILDREN", "1")
+    scored, under_runner_up = [], []
+    orig_accept, orig_register = ChainStopController._branch_accept_prob, tree_step.register_tree
+
+    def branch_accept_prob(self, normed_hidden, logp, req, depth, path_conf):
+        real = orig_accept(self, normed_hidden, logp, req, depth, path_conf)
+        assert normed_hidden.shape[0] == logp.shape[0] == real.shape[0] == depth.shape[0] > 0
+        assert bool((depth >= 1).all()) and bool(((real >= 0) & (real <= 1)).all())
+        scored.append(real)
+        return torch.full_like(real, verdict)
+
+    def register_tree(req_id, tokens, parents):
+        under_runner_up.extend(k for k, p in enumerate(parents) if p > 1 and parents[p - 1] == 0)
+        orig_register(req_id, tokens, parents)
+
+    monkeypatch.setattr(ChainStopController, "_branch_accept_prob", branch_accept_prob)
+    monkeypatch.setattr(tree_step, "register_tree", register_tree)
+    before = dict(tree_step.STATS)
+    spec = {"method": "eagle3", "model": edd_tree_drafter, "num_speculative_tokens": K}
+    res = run_generate(tiny_target, many_prompts(64), spec, max_tokens=32)
+    assert_same_tokens(tiny_plain_outputs["many"].token_ids, res.token_ids)
+    assert tree_step.STATS["tree_requests"] > before["tree_requests"] and scored
+    # the fixture's decision model learned "accepted only at depth 0": branch steps (depth >= 1) score low
+    assert float(torch.cat(scored).mean()) < 0.5
+    assert (len(under_runner_up) > 0) == (verdict == 1.0), len(under_runner_up)

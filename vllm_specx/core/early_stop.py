@@ -415,6 +415,23 @@ def prune_branches(
     return continue_drafting(accept_prob, path_prob, thr)
 
 
+def branch_child_probs(
+    child_conf: torch.Tensor,  # [..., c] draft probs of a branch node's children, best first; 0: not drafted
+    accept_prob: torch.Tensor,  # [...] decision model's P(the best child is accepted | the node is)
+) -> torch.Tensor:  # [..., c]
+    """Acceptance estimates of the children of a tree-branch node whose draft step the decision model
+    has read: its estimate replaces the best child's draft confidence, and the other children share the
+    rest, 1 - accept_prob, in proportion to their draft probabilities (the target emits one token, so
+    the events exclude each other). A child whose path estimate falls to the node threshold is not
+    kept: the decision model stops the branch there, as it stops a chain."""
+    p = accept_prob.float().clamp(0.0, 1.0)[..., None]  # [..., 1]
+    conf = child_conf.float()
+    others = conf[..., 1:]
+    share = torch.maximum(1.0 - conf[..., :1], others.sum(-1, keepdim=True)).clamp_min(1e-12)
+    out = torch.cat([p, others * (1.0 - p) / share], dim=-1)
+    return torch.where(conf > 0, out, torch.zeros_like(out))
+
+
 # ----------------------------------------------------------------------------- chain policy
 
 

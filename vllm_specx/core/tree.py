@@ -317,15 +317,17 @@ def chain_with_siblings(
     node_threshold: Tensor | float,  # [B] or scalar: marginal node cost / target step (cost model)
     node_budget: int,         # verified nodes per request (excluding the root)
     child_ids: Tensor | None = None,    # [B, D, m, c] drafted children of each sibling (expanded ones)
-    child_probs: Tensor | None = None,  # [B, D, m, c] their draft probabilities; 0 where not expanded
+    child_probs: Tensor | None = None,  # [B, D, m, c] their acceptance estimates (draft confidence, or the
+                                        # decision model's: early_stop.branch_child_probs); 0: not expanded
 ) -> DraftTree:
     """A PCT tree grown from a chain drafter: at each drafted depth, the chain node plus the runner-up
     tokens of the same draft distribution as alternative children of the chain's previous node, and,
     when given, the children drafted under those siblings (`siblings_to_expand`).
 
     Every node's expected gain is its path prob (product of acceptance estimates along its path: the
-    decision model's along the chain, draft confidence off it); a node is kept only when that beats the
-    node threshold and its parent is kept, and the best `node_budget` nodes are kept overall
+    decision model's along the chain, draft confidence for runner-ups, child_probs below them); a node is
+    kept only when that beats the node threshold and its parent is kept, and the best `node_budget` nodes
+    are kept overall
     (`select_top_nodes`). Node layout before selection: depth d holds the chain node at 1 + d*(1+m),
     its siblings right after it; children follow all of them, in (depth, sibling, rank) order.
     """

@@ -21,6 +21,9 @@ How it plugs in (each vLLM internal is declared in `compat.INTERNALS`):
      `SpecxEddForCausalLM.branch_logprobs`) drafts children under the runner-ups worth it, reading the
      drafter's paged KV cache (context + the chain nodes above the runner-up) without writing to it; the
      tree keeps the best nodes by expected gain (`core.tree.chain_with_siblings`), `tree_step` verifies it.
+     The decision model also reads each expanded runner-up's draft step (`branch_decision`): its
+     estimate that the best child is accepted replaces that child's draft confidence
+     (`core.early_stop.branch_child_probs`), so it stops a branch where the estimate does not pay.
 Lossless: stopping only removes proposals; the target verifies whatever remains. Greedy draft
 sampling only: when vLLM samples drafts probabilistically (draft probabilities kept for rejection
 sampling) the step runs at fixed K so that probabilities and tokens stay aligned.
@@ -40,6 +43,7 @@ from vllm_specx.core.early_stop import (
     DraftingPayoff,
     DraftLengthPolicy,
     OnlineAcceptCalibration,
+    branch_child_probs,
     draft_step_features,
     load_early_stop,
     top_probs_and_entropy,
@@ -70,6 +74,7 @@ class ChainStopController:
     payoff: DraftingPayoff | None = None  # skips whole steps whose drafting recently did not pay
     max_siblings: int = 0  # PCT: runner-up tokens per depth offered as alternative children (0: chains)
     expand_children: int = 0  # PCT: children drafted under each runner-up worth expanding (0: runner-ups are leaves)
+    branch_decision: bool = True  # PCT: the decision model estimates the expanded children (False: draft confidence)
     sibling_threshold_for_batch: callable | None = None  # default: threshold_for_batch
     lookup: LookupCandidates | None = None  # prompt-lookup chains competing with the drafter's
     # Steps that do not pay (cost model / payoff, not lookup preemption) also skip the drafter's forward
@@ -80,7 +85,9 @@ class ChainStopController:
     _num_sampled: list[int] | None = None  # this step's feedback, aligned with _req_ids
     _forward_skippable: bool = False
     _sibs: list = field(default_factory=list)  # per depth: (ids [B, m], probs [B, m], chain path prob [B])
+    _sib_path_conf: list = field(default_factory=list)  # per depth: [B] product of the chain's confidences above it
     _children: tuple | None = None  # (ids [B, D, m, c], probs [B, D, m, c]) drafted under runner-ups, or None
+    _branch_accept: torch.Tensor | None = None  # [B, D, m] decision model's P(best child accepted); None: not run
     _trees: list | None = None  # per request: (node tokens, parents) of the step that just ran
     stats: dict = field(default_factory=lambda: {"steps": 0, "early_exits": 0, "kept": 0, "max_tokens": 0})
     _armed: bool = False
@@ -119,6 +126,7 @@ class ChainStopController:
     def begin(self, armed: bool) -> None:
         self._armed, self._depth, self._tokens, self._lengths, self._path_conf = armed, 0, [], None, None
         self._sibs, self._trees, self._sibling_threshold, self._children = [], None, None, None
+        self._sib_path_conf, self._branch_accept = [], None
 
     def skip_step(self, batch_size: int) -> bool:
         """True when drafting does not pay at this batch size (cost model, and what drafting steps at
@@ -202,6 +210,7 @@ class ChainStopController:
             top_p = top_lp.exp()
             path = self.policy.path_prob.clone()  # P(chain through this depth accepted), where kept
             self._sibs.append((top_i[:, 1:].cpu(), top_p[:, 1:].cpu(), path.cpu()))
+            self._sib_path_conf.append(self._path_conf)
         self._path_conf = self._path_conf * top[:, 0]
         self._depth += 1
         self._lengths = self.policy.num_tokens.tolist()
@@ -245,7 +254,7 @@ class ChainStopController:
         runner-up at depth d hangs under chain node d-1 (the root for d = 0), at position root + d + 1."""
         from vllm_specx.core.tree import siblings_to_expand
 
-        self._children = None
+        self._children, self._branch_accept = None, None
         lengths = self._lengths
         if self.expand_children <= 0 or self._sibling_threshold is None or lengths is None or not self._sibs \
                 or len(self._sibs) != len(self._tokens) or len(lengths) != bonus.shape[0]:
@@ -258,18 +267,34 @@ class ChainStopController:
             return
         parent = torch.where(depth == 0, bonus.cpu()[req], chain_ids[req, (depth - 1).clamp(min=0)])
         dev = bonus.device
-        logp = model.branch_logprobs(sib_ids[req, depth, sib].to(dev), parent.to(dev),
-                                     (root_pos.cpu()[req] + depth).to(dev), block_table[req.to(block_table.device)])
+        hidden, logp = model.branch_logprobs(sib_ids[req, depth, sib].to(dev), parent.to(dev),
+                                             (root_pos.cpu()[req] + depth).to(dev),
+                                             block_table[req.to(block_table.device)])
         top_lp, top_i = logp.topk(self.expand_children, dim=-1)  # [R, c]
         shape = (*sib_ids.shape, self.expand_children)
         child_ids, child_probs = torch.zeros(shape, dtype=torch.long), torch.zeros(shape)
         child_ids[req, depth, sib], child_probs[req, depth, sib] = top_i.cpu(), top_lp.exp().float().cpu()
         self._children = (child_ids, child_probs)
+        if self.branch_decision and self.policy.model is not None:
+            path_conf = torch.stack(self._sib_path_conf, dim=1)[req, depth] * sib_probs[req, depth, sib]
+            self._branch_accept = torch.zeros(sib_ids.shape)
+            self._branch_accept[req, depth, sib] = self._branch_accept_prob(hidden, logp, req, depth + 1, path_conf)
         self.stats["expansions"] = self.stats.get("expansions", 0) + 1
         self.stats["runner_ups_expanded"] = self.stats.get("runner_ups_expanded", 0) + int(req.numel())
         if self.metrics is not None:
             self.metrics.tree_expansions.inc()
             self.metrics.tree_runner_ups_expanded.inc(int(req.numel()))
+
+    def _branch_accept_prob(self, normed_hidden: torch.Tensor, logp: torch.Tensor, req: torch.Tensor,
+                            depth: torch.Tensor, path_conf: torch.Tensor) -> torch.Tensor:
+        """The decision model on R branch draft steps, with the features of a chain step (normed_hidden
+        [R, H], log-probs logp [R, V] of the children; req, depth, path_conf [R]: request row, the children's
+        depth, product of the draft confidences above them) and the request's online calibration. -> [R]"""
+        top, entropy = summarise_logprobs(logp, k=2)
+        feats = draft_step_features(normed_hidden.float().cpu(), top.cpu(), entropy.cpu(), depth, path_conf,
+                                    self.hidden_proj)
+        raw = self.policy.model.predict_accept_prob(feats).float()
+        return (raw * self._scale[req]).clamp(max=1.0)
 
     def _build_trees(self, lengths: list[int]) -> list[tuple[list[int], list[int]]]:
         from vllm_specx.core.tree import chain_with_siblings
@@ -277,6 +302,8 @@ class ChainStopController:
         b = len(lengths)
         chain_ids, chain_path, sib_ids, sib_probs = self._stacked()
         child_ids, child_probs = self._children or (None, None)
+        if child_probs is not None and self._branch_accept is not None:
+            child_probs = branch_child_probs(child_probs, self._branch_accept)
         tree = chain_with_siblings(chain_ids, torch.tensor(lengths), chain_path, sib_ids, sib_probs,
                                    self._sibling_threshold, node_budget=self.policy.max_k,
                                    child_ids=child_ids, child_probs=child_probs)
@@ -390,8 +417,9 @@ def load_controller(drafter_dir: str | Path, early_stop: dict, max_k: int,
                     tree: dict | None = None, vocab_mode: str | None = None,
                     lookup: dict | None = None) -> ChainStopController | None:
     """The controller described by specx_config.json's `early_stop` section (None when absent/off).
-    tree = {"max_siblings": m, optional "threshold", "expand_children": c}: draft PCT trees (chain + pruned
-    runner-up children, and c children drafted under the runner-ups worth it; see core.tree); their node
+    tree = {"max_siblings": m, optional "threshold", "expand_children": c, "branch_decision": bool}: draft PCT
+    trees (chain + pruned runner-up children, and c children drafted under the runner-ups worth it, estimated
+    by the decision model when branch_decision, else by draft confidence; see core.tree); their node
     threshold is the cost model's, else tree.threshold, else the early-stop threshold. The cost model is the first one measured on this machine
     (`calibrate.find_cost_model`: the drafter folder, then its cost_models/<machine>/ folders); one
     measured in the LM-head mode in use, vocab_mode (`cost_model.<mode>.json`, written by `vllm-specx
@@ -478,7 +506,7 @@ def load_controller(drafter_dir: str | Path, early_stop: dict, max_k: int,
     return ChainStopController(
         DraftLengthPolicy(max_k, model), proj, threshold, calibration=calibration, drafting_pays=drafting_pays,
         metrics=specx_metrics(), payoff=payoff, skip_forward=skip_forward, max_siblings=int(tree.get("max_siblings", 0)),
-        expand_children=int(tree.get("expand_children", 0)),
+        expand_children=int(tree.get("expand_children", 0)), branch_decision=bool(tree.get("branch_decision", True)),
         sibling_threshold_for_batch=sibling_threshold,
         lookup=None if lookup is None else _lookup_candidates(lookup))
 

@@ -265,8 +265,8 @@ class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
             return self.logits_processor(self.lm_head, hidden_states), False, None
 
     def branch_logprobs(self, tokens: torch.Tensor, parent_tokens: torch.Tensor, slots: torch.Tensor,
-                        block_table: torch.Tensor) -> torch.Tensor:
-        """The drafter's next-token log-probs [R, V] after R tree branches that are not in its KV cache
+                        block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normed hidden [R, H], next-token log-probs [R, V]) of the drafter after R tree branches that are not in its KV cache
         (PCT expansion below runner-up tokens): row r continues the chain of its request whose drafter
         cache holds positions < slots[r] (block_table [R, max_blocks], that request's row), with
         parent_tokens[r] at position slots[r] and tokens[r] after it. Reads the cache, writes nothing
@@ -283,7 +283,7 @@ class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
 
         hidden = self.model.forward_branches(tokens, parent_tokens, slots, attend)
         logits, subset, _ = self._head(hidden)
-        return logits.float() if subset else torch.log_softmax(logits.float(), dim=-1)
+        return hidden, logits.float() if subset else torch.log_softmax(logits.float(), dim=-1)
 
     def combine_hidden_states(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # [T, Ht] target hidden state at the EDD layer -> soft-prompt context vector [T, H]
@@ -372,15 +372,20 @@ DEFAULT_EXPAND_CHILDREN = 2  # children drafted under each runner-up worth expan
 
 def tree_settings(tree: dict, branches_verifiable: bool = True) -> dict | None:
     """PCT tree settings from specx_config.json's `tree` section ({"max_siblings": m, optional
-    "threshold", "expand_children": c}), or None for chains; SPECX_TREE=0/1 in the environment overrides
-    `enabled`, SPECX_EXPAND_CHILDREN=c `expand_children`. Runner-ups are expanded only where trees are
-    verified (branches_verifiable; elsewhere the chain is verified and an expansion pass would be wasted)."""
+    "threshold", "expand_children": c, "branch_decision": bool}), or None for chains; SPECX_TREE=0/1 in the
+    environment overrides `enabled`, SPECX_EXPAND_CHILDREN=c `expand_children`, SPECX_BRANCH_DECISION=0/1
+    `branch_decision` (default on: the decision model estimates the children of expanded runner-ups).
+    Runner-ups are expanded only where trees are verified (branches_verifiable; elsewhere the chain is
+    verified and an expansion pass would be wasted)."""
     env = os.environ.get("SPECX_TREE")
     enabled = tree.get("enabled", False) if env is None else env == "1"
     if not enabled:
         return None
     expand = int(os.environ.get("SPECX_EXPAND_CHILDREN", tree.get("expand_children", DEFAULT_EXPAND_CHILDREN)))
-    out = {"max_siblings": int(tree.get("max_siblings", 3)), "expand_children": expand if branches_verifiable else 0}
+    env = os.environ.get("SPECX_BRANCH_DECISION")
+    decision = tree.get("branch_decision", True) if env is None else env == "1"
+    out = {"max_siblings": int(tree.get("max_siblings", 3)), "expand_children": expand if branches_verifiable else 0,
+           "branch_decision": decision}
     if "threshold" in tree:
         out["threshold"] = float(tree["threshold"])
     return out
