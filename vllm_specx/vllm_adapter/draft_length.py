@@ -420,8 +420,9 @@ def load_controller(drafter_dir: str | Path, early_stop: dict, max_k: int,
     tree = {"max_siblings": m, optional "threshold", "expand_children": c, "branch_decision": bool}: draft PCT
     trees (chain + pruned runner-up children, and c children drafted under the runner-ups worth it, estimated
     by the decision model when branch_decision, else by draft confidence; see core.tree); their node
-    threshold is the cost model's, else tree.threshold, else the early-stop threshold. The cost model is the first one measured on this machine
-    (`calibrate.find_cost_model`: the drafter folder, then its cost_models/<machine>/ folders); one
+    threshold is the cost model's, else tree.threshold, else the early-stop threshold. The cost model is
+    the first one measured on this machine (`calibrate.find_cost_model`: the drafter folder, then its
+    cost_models/<machine>/ folders); one
     measured in the LM-head mode in use, vocab_mode (`cost_model.<mode>.json`, written by `vllm-specx
     calibrate` under SPECX_VOCAB=<mode>), wins over the default file, since the head's mode changes the
     cost of a draft step.

