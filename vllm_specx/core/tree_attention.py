@@ -13,10 +13,11 @@ import torch
 from torch import Tensor
 
 
-def _packed_index(query_start_loc: Tensor) -> tuple[Tensor, Tensor]:
-    """For each packed token: (request index [T], node index within the request [T])."""
+def packed_index(query_start_loc: Tensor, num_tokens: int | None = None) -> tuple[Tensor, Tensor]:
+    """For each packed token: (request index [T], node index within the request [T]). num_tokens = T
+    when the caller knows it (spares a device sync on GPU)."""
     counts = query_start_loc[1:] - query_start_loc[:-1]
-    req = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    req = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts, output_size=num_tokens)
     node = torch.arange(req.numel(), device=counts.device) - query_start_loc[req]
     return req, node
 
@@ -24,7 +25,7 @@ def _packed_index(query_start_loc: Tensor) -> tuple[Tensor, Tensor]:
 def tree_kv_slot_mapping(block_table: Tensor, context_lens: Tensor, query_start_loc: Tensor,
                          block_size: int) -> Tensor:
     """[T] flat cache slot (block * block_size + offset) for every packed tree node."""
-    req, node = _packed_index(query_start_loc)
+    req, node = packed_index(query_start_loc)
     pos = context_lens.long()[req] + node
     return block_table[req, pos // block_size].long() * block_size + pos % block_size
 
@@ -58,7 +59,7 @@ def _tree_attention_chunk(query, query_start_loc, key_cache, value_cache, block_
     Hq, D = query.shape[1:]
     acc = torch.promote_types(query.dtype, torch.float32)
     n_q = query_start_loc[1:] - query_start_loc[:-1]                          # [B]
-    req, node = _packed_index(query_start_loc)
+    req, node = packed_index(query_start_loc)
     q = query.new_zeros((B, N, Hq, D), dtype=acc)
     q[req, node] = query.to(acc)
     ctx = context_lens.long()

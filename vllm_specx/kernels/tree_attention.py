@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_specx.core.tree_attention import packed_index
 from vllm_specx.core.tree_attention import tree_attention_paged as tree_attention_reference
 from vllm_specx.kernels.topk_lm_head import HAS_TRITON, triton_path_available
 
@@ -97,16 +98,14 @@ def tree_attention_triton(
     block_size, Hkv = key_cache.shape[1], key_cache.shape[2]
     if Hq % Hkv:
         raise ValueError(f"Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
-    B = block_table.shape[0]
-    qsl = query_start_loc.long()
-    num_nodes = qsl[1:] - qsl[:-1]  # [B]
-    req = torch.repeat_interleave(torch.arange(B, device=query.device), num_nodes, output_size=T)  # [T]
-    node = torch.arange(T, device=query.device) - qsl[req]  # [T]
-    mask = tree_mask.to(torch.uint8)
-    table = block_table.to(torch.int32)
     out = torch.empty_like(query)
     if T == 0:
         return out
+    qsl = query_start_loc.long()
+    num_nodes = qsl[1:] - qsl[:-1]  # [B]
+    req, node = packed_index(qsl, num_tokens=T)  # [T] each
+    mask = tree_mask.to(torch.uint8)
+    table = block_table.to(torch.int32)
     _tree_attention_kernel[(T, Hq)](
         query, key_cache, value_cache, out, req, node, table, context_lens.to(torch.int64), num_nodes, mask,
         float(scale),
