@@ -131,7 +131,8 @@ def serve_and_measure(target: str, spec: dict | None, prompts: list[str], levels
             after = http.get(f"{base}/metrics").text
             d = {k: _metric(after, k) - _metric(before, k) for k in (
                 "vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
-                "vllm:spec_decode_num_accepted_tokens", "specx:draft_tokens_kept", "specx:skipped_steps")}
+                "vllm:spec_decode_num_accepted_tokens", "specx:draft_tokens_kept", "specx:skipped_steps",
+                "specx:drafter_forwards_skipped", "specx:drafter_blind_requests")}
             level["spec_counters"] = d
             drafts, acc = d["vllm:spec_decode_num_drafts"], d["vllm:spec_decode_num_accepted_tokens"]
             level["mean_acceptance_length"] = 1 + acc / drafts if drafts else None

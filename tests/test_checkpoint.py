@@ -56,6 +56,10 @@ def test_good_config_roundtrip(tmp_path):
      "lookup needs the early_stop section"),
     (lambda d: d.update(early_stop={"path": "early_stop", "skip_forward": "yes"}),
      "early_stop.skip_forward must be true or false"),
+    (lambda d: d.update(early_stop={"path": "early_stop", "skip_prefill": 1}),
+     "early_stop.skip_prefill must be true or false"),
+    (lambda d: d.update(early_stop={"path": "early_stop", "skip_forward": False, "skip_prefill": True}),
+     "skip_prefill skips the drafter's forward on prefill steps too, so it needs skip_forward"),
 ])
 def test_bad_configs_are_named(mutation, message):
     data = json.loads(json.dumps(GOOD))

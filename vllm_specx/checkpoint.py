@@ -152,9 +152,12 @@ class SpecxConfig:
         threshold = es.get("threshold", 0.0)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
             raise SpecxConfigError(f"specx_config.json: early_stop.threshold must be a number in [0, 1], got {threshold!r}")
-        for flag in ("enabled", "online_calibration", "step_payoff", "skip_forward"):
+        for flag in ("enabled", "online_calibration", "step_payoff", "skip_forward", "skip_prefill"):
             if not isinstance(es.get(flag, True), bool):
                 raise SpecxConfigError(f"specx_config.json: early_stop.{flag} must be true or false")
+        if es.get("skip_prefill", False) and not es.get("skip_forward", True):
+            raise SpecxConfigError("specx_config.json: early_stop.skip_prefill skips the drafter's forward on prefill "
+                                   "steps too, so it needs skip_forward; set skip_forward to true or drop skip_prefill")
         if "cost_model" in es and not isinstance(es["cost_model"], str):
             raise SpecxConfigError("specx_config.json: early_stop.cost_model must be a file name in the drafter folder")
 

@@ -402,6 +402,55 @@ def test_forward_is_skipped_only_on_decode_steps_of_requests_the_drafter_has_see
     assert off.skip_step(2) and not off.forward_skipped()  # skip_forward off: the head only
 
 
+def test_skip_prefill_makes_the_requests_it_skips_drafter_blind(confidence_model):
+    """skip_prefill: a step that does not pay skips the drafter's forward even with prefills in it; the
+    requests whose prompt (or a chunk of it) it skipped never get a drafter token or runner-up again, the
+    others draft as before once drafting pays; a blind request that leaves the batch (finished or
+    preempted) comes back seeing."""
+    pays = {"now": True}
+    ctl = ChainStopController(DraftLengthPolicy(3, confidence_model), None, lambda b: 0.3,
+                              drafting_pays=lambda b: pays["now"], skip_forward=True, skip_prefill=True,
+                              max_siblings=2, sibling_threshold_for_batch=lambda b: 0.01)
+
+    def step(req_ids, num_sampled, top1=0.95):  # one engine step as the runner wrappers drive it
+        ctl.feedback(req_ids, num_sampled)
+        ctl.begin(armed=True)
+        if ctl.skip_step(len(req_ids)):
+            skipped = ctl.forward_skipped()
+            if not skipped:
+                ctl.forward_ran()
+            return ctl.finish(), skipped
+        hidden = torch.randn(len(req_ids), 8)
+        probs = torch.full((len(req_ids), 50), (0.96 - top1) / 48)
+        probs[:, 0], probs[:, 1] = top1, 0.04  # a runner-up worth a node at the sibling threshold 0.01
+        try:
+            for _ in range(3):
+                ctl.observe(hidden, probs.log())
+        except _AllStopped:
+            pass
+        ctl.forward_ran()
+        return ctl.finish(), False
+
+    assert step(["a"], [1]) == ([3], False)  # drafting pays: a's prompt went through the drafter
+    pays["now"] = False
+    assert step(["a", "b", "c"], [1, 1, 0]) == ([0, 0, 0], True)  # b's prompt and c's first chunk skipped
+    assert ctl.stats["blind_requests"] == 2 and ctl._blind == {"b", "c"}
+    assert step(["a", "b", "c"], [2, 1, 1]) == ([0, 0, 0], True)  # decode-only now: skipped as before
+    pays["now"] = True
+    lengths, _ = step(["a", "b", "c"], [1, 1, 1])
+    assert lengths == [3, 0, 0]  # a drafts; b and c are blind
+    trees = ctl._trees
+    assert trees[0][0] and trees[1] == ([], []) and trees[2] == ([], [])  # no runner-up for blind rows
+    assert step(["b"], [1])[0] == [0]  # still blind when alone (a and c finished)
+    lengths, _ = step(["c", "b"], [0, 1])  # c was preempted and is back, prefilling afresh; drafting pays
+    assert lengths[1] == 0 and "c" not in ctl._blind  # (vLLM drops drafts of a partial prefill's row)
+    assert step(["c", "b"], [1, 1])[0] == [3, 0]  # c sees again; b never does
+    off = ChainStopController(DraftLengthPolicy(3, confidence_model), None, lambda b: 0.3,
+                              drafting_pays=lambda b: False, skip_forward=True)
+    off.feedback(["a", "b"], [1, 0]), off.begin(armed=True)
+    assert off.skip_step(2) and not off.forward_skipped()  # skip_prefill off: prefills run the forward
+
+
 class _DepthModel:
     """Decision-model stand-in: accept prob 0.9 for a draft step at depth 0, `deeper` below; records the
     feature rows it is asked about."""

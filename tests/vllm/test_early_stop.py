@@ -168,6 +168,60 @@ def test_steps_that_do_not_pay_can_skip_the_drafters_forward_losslessly(tiny_tar
     assert not any(skipped) and one.metrics.num_drafts >= 0.5 * one.metrics.num_engine_steps
 
 
+def test_skip_prefill_leaves_new_requests_drafter_blind_losslessly(tiny_target, edd_always_confident,
+                                                                   tiny_plain_outputs, tmp_path, monkeypatch):
+    """skip_prefill (SPECX_SKIP_PREFILL=1): at batch sizes where drafting does not pay, steps with prefills
+    skip the drafter's forward too; the requests they leave out of the drafter's KV cache draft nothing for
+    the rest of their life, also when drafting pays again in the tail. Outputs are plain decoding's; a
+    request arriving when drafting pays is drafted for."""
+    from prometheus_client import REGISTRY
+
+    from vllm_specx.vllm_adapter.draft_length import ChainStopController
+
+    folder = tmp_path / "drafter"
+    shutil.copytree(edd_always_confident[False], folder)
+    _cost_model_where_drafting_stops_paying_above_batch_8().save(folder / "cost_model.json")
+    seen_steps = []  # (request ids, lengths, drafter-blind requests) of every armed step
+    orig_finish = ChainStopController.finish
+
+    def recorded(self):
+        ids, blind = self._req_ids, set(self._blind)
+        lengths = orig_finish(self)
+        if lengths is not None and ids is not None:
+            seen_steps.append((list(ids), lengths, blind))
+        return lengths
+
+    monkeypatch.setattr(ChainStopController, "finish", recorded)  # the engine runs in this process
+    monkeypatch.setenv("SPECX_SKIP_PREFILL", "1")
+    from vllm import SamplingParams
+
+    from vllm_specx.testing import make_llm, read_spec_metrics, shutdown
+
+    def blind_counter() -> float:
+        return REGISTRY.get_sample_value("specx:drafter_blind_requests_total") or 0.0
+
+    spec = {"method": "eagle3", "model": str(folder), "num_speculative_tokens": 3}
+    lengths = [4 + (i * 7) % 29 for i in range(64)]  # requests finish at different steps: the batch shrinks
+    before = blind_counter()
+    llm = make_llm(tiny_target, spec, max_num_seqs=64)
+    try:
+        outs = llm.generate(many_prompts(64), [SamplingParams(temperature=0, max_tokens=m) for m in lengths],
+                            use_tqdm=False)
+        many = read_spec_metrics(llm)
+        one = llm.generate(many_prompts(64)[:1], SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
+        both = read_spec_metrics(llm)
+    finally:
+        shutdown(llm)
+    want = [t[:m] for t, m in zip(tiny_plain_outputs["many"].token_ids, lengths)]
+    assert_same_tokens(want, [list(o.outputs[0].token_ids) for o in outs])
+    assert_same_tokens(tiny_plain_outputs["many"].token_ids[:1], [list(one[0].outputs[0].token_ids)])
+    assert blind_counter() - before >= 32, blind_counter() - before  # most of the 64 prompts skipped
+    tail = [(ids, n, blind) for ids, n, blind in seen_steps if 0 < len(ids) <= 8 and blind & set(ids)]
+    assert tail, "the tail (batch <= 8: drafting pays) never held a drafter-blind request"
+    assert all(k == 0 for ids, n, blind in tail for r, k in zip(ids, n) if r in blind)  # blind: no drafts
+    assert both.num_drafts - many.num_drafts >= 10, (many, both)  # the new request was drafted for
+
+
 def test_cost_model_of_another_machine_is_ignored(edd_always_confident, tmp_path):
     from vllm_specx.checkpoint import load_specx_config
     from vllm_specx.vllm_adapter.draft_length import load_controller

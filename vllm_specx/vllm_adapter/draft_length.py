@@ -81,7 +81,13 @@ class ChainStopController:
     # when every request is decoding: faster at large batches, but the drafter's KV cache then has holes
     # at those positions, which can only make its later drafts worse (never the output: lossless).
     skip_forward: bool = False
+    # With skip_forward: such a step skips the forward even when it holds prefills. Requests whose prompt
+    # (or a chunk of it) the drafter skipped are drafter-blind for the rest of their life: the drafter never
+    # drafts for them (its KV cache lacks their prompt), prompt-lookup chains still may. At batch sizes
+    # where drafting keeps not paying this saves the drafter's pass over every new prompt.
+    skip_prefill: bool = False
     _drafter_seen: set = field(default_factory=set)  # requests whose prompt the drafter has processed
+    _blind: set = field(default_factory=set)  # requests whose prompt the drafter skipped (skip_prefill)
     _num_sampled: list[int] | None = None  # this step's feedback, aligned with _req_ids
     _forward_skippable: bool = False
     _sibs: list = field(default_factory=list)  # per depth: (ids [B, m], probs [B, m], chain path prob [B])
@@ -97,6 +103,7 @@ class ChainStopController:
     _lengths: list[int] | None = None
     _req_ids: list[str] | None = None  # this step's batch, in row order (from the runner)
     _scale: torch.Tensor | None = None  # [B] online calibration of the accept probability
+    _blind_rows: torch.Tensor | None = None  # [B] bool: drafter-blind rows of this step (None: none)
     _raw_path: torch.Tensor | None = None  # [B] product of the model's raw accept probs kept so far
     _expected: torch.Tensor | None = None  # [B] sum of raw path probs over kept tokens
     _last: dict = field(default_factory=dict)  # req_id -> expected accepted of the step being verified
@@ -108,6 +115,7 @@ class ChainStopController:
         drafts + 1; 0 for a partial prefill). Feeds the calibration with the step now verified."""
         self._req_ids, self._num_sampled = list(req_ids), list(num_sampled)
         self._drafter_seen &= set(req_ids)  # finished or preempted requests leave the batch
+        self._blind &= self._drafter_seen  # (a preempted request prefills afresh when it comes back)
         if self.lookup is not None:
             self.lookup.feedback(req_ids, num_sampled)
         accepted = [max(n - 1, 0) if r in self._last else 0 for r, n in zip(req_ids, num_sampled)]
@@ -138,10 +146,11 @@ class ChainStopController:
         if not preempted and self.drafting_pays(batch_size) and (self.payoff is None or self.payoff.pays(batch_size)):
             return False
         self._skipping = True
-        # a decode-only step of requests whose prompts the drafter has seen may skip the forward too
+        # a decode-only step of requests whose prompts the drafter has seen may skip the forward too; with
+        # skip_prefill any step may (the requests it leaves unseen turn drafter-blind: `forward_skipped`)
         self._forward_skippable = self.skip_forward and not preempted and self._num_sampled is not None \
-            and len(self._num_sampled) == batch_size and min(self._num_sampled, default=0) >= 1 \
-            and all(r in self._drafter_seen for r in self._req_ids)
+            and len(self._num_sampled) == batch_size and (self.skip_prefill or (
+                min(self._num_sampled, default=0) >= 1 and all(r in self._drafter_seen for r in self._req_ids)))
         if preempted:  # every request has a lookup chain the drafter would not beat: skip its head
             self.stats["lookup_preempted"] = self.stats.get("lookup_preempted", 0) + 1
         self._lengths, self._armed, self._expected = [0] * batch_size, True, torch.zeros(batch_size)
@@ -156,8 +165,14 @@ class ChainStopController:
             return False
         self._forward_skippable = False
         self.stats["forward_skipped"] = self.stats.get("forward_skipped", 0) + 1
+        blind = [r for r in self._req_ids if r not in self._drafter_seen]  # only under skip_prefill
+        self._blind.update(blind)
+        self._drafter_seen.update(blind)  # nothing left to keep complete: later steps may skip the forward
+        self.stats["blind_requests"] = self.stats.get("blind_requests", 0) + len(blind)
         if self.metrics is not None:
             self.metrics.forwards_skipped.inc()
+            if blind:
+                self.metrics.blind_requests.inc(len(blind))
         return True
 
     def forward_ran(self) -> None:
@@ -182,8 +197,13 @@ class ChainStopController:
         if self._depth == 0:
             self.policy.begin(b, self.threshold_for_batch(b), device="cpu")
             self._path_conf = torch.ones(b)
-            ids_ok = self.calibration is not None and self._req_ids is not None and len(self._req_ids) == b
+            rows_known = self._req_ids is not None and len(self._req_ids) == b
+            ids_ok = self.calibration is not None and rows_known
             self._scale = self.calibration.scales(self._req_ids) if ids_ok else torch.ones(b)
+            self._blind_rows = torch.tensor([r in self._blind for r in self._req_ids]) \
+                if rows_known and self._blind else None
+            if self._blind_rows is not None:  # drafter-blind requests keep no drafter token
+                self.policy.active &= ~self._blind_rows
             self._raw_path, self._expected = torch.ones(b), torch.zeros(b)
             # The step's sibling threshold (also used by _build_trees), or None when no sibling can be
             # kept: a runner-up's gain is path_prob * q with q <= 1/2 (it is not the top token), so at a
@@ -208,6 +228,8 @@ class ChainStopController:
         if self._sibling_threshold is not None:
             top_lp, top_i = logp.topk(self.max_siblings + 1, dim=-1)
             top_p = top_lp.exp()
+            if self._blind_rows is not None:  # nor a runner-up (their path prob stays 1: nothing kept)
+                top_p = top_p.masked_fill(self._blind_rows[:, None].to(top_p.device), 0.0)
             path = self.policy.path_prob.clone()  # P(chain through this depth accepted), where kept
             self._sibs.append((top_i[:, 1:].cpu(), top_p[:, 1:].cpu(), path.cpu()))
             self._sib_path_conf.append(self._path_conf)
@@ -486,6 +508,8 @@ def load_controller(drafter_dir: str | Path, early_stop: dict, max_k: int,
         payoff = DraftingPayoff(step_cost_ratio) if on else None
         env = os.environ.get("SPECX_SKIP_FORWARD")
         skip_forward = early_stop.get("skip_forward", True) if env is None else env == "1"
+        env = os.environ.get("SPECX_SKIP_PREFILL")
+        skip_prefill = skip_forward and (early_stop.get("skip_prefill", False) if env is None else env == "1")
     else:
         fixed = float(early_stop.get("threshold", DEFAULT_THRESHOLD))
 
@@ -495,7 +519,7 @@ def load_controller(drafter_dir: str | Path, early_stop: dict, max_k: int,
         def drafting_pays(batch_size: int) -> bool:
             return True
 
-        payoff, skip_forward = None, False
+        payoff, skip_forward, skip_prefill = None, False, False
     calibration = OnlineAcceptCalibration() if early_stop.get("online_calibration", True) else None
     from vllm_specx.vllm_adapter.prom_metrics import specx_metrics
 
@@ -506,7 +530,8 @@ def load_controller(drafter_dir: str | Path, early_stop: dict, max_k: int,
         sibling_threshold = lambda batch_size: fixed_sibling  # noqa: E731
     return ChainStopController(
         DraftLengthPolicy(max_k, model), proj, threshold, calibration=calibration, drafting_pays=drafting_pays,
-        metrics=specx_metrics(), payoff=payoff, skip_forward=skip_forward, max_siblings=int(tree.get("max_siblings", 0)),
+        metrics=specx_metrics(), payoff=payoff, skip_forward=skip_forward, skip_prefill=skip_prefill,
+        max_siblings=int(tree.get("max_siblings", 0)),
         expand_children=int(tree.get("expand_children", 0)), branch_decision=bool(tree.get("branch_decision", True)),
         sibling_threshold_for_batch=sibling_threshold,
         lookup=None if lookup is None else _lookup_candidates(lookup))

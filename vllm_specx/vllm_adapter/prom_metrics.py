@@ -24,6 +24,8 @@ default registry.
                                           was): the proposer never reads them
   specx:drafter_forwards_skipped_total    steps that did not pay and skipped the drafter's forward too
                                           (early_stop.skip_forward)
+  specx:drafter_blind_requests_total      requests whose prompt a skipped forward left out of the drafter's
+                                          KV cache: it drafts nothing for them (early_stop.skip_prefill)
   specx:lookup_rows_not_searched_total    request steps whose prompt-lookup search was skipped (no chain
                                           of theirs could clear the step's node threshold)
 """
@@ -58,6 +60,8 @@ class SpecxMetrics:
                                             "prefill rows whose drafter output was not computed (their KV was)")
         self.forwards_skipped = counter("drafter_forwards_skipped",
                                         "steps that did not pay and skipped the drafter's forward too")
+        self.blind_requests = counter("drafter_blind_requests",
+                                      "requests whose prompt a skipped drafter forward left out: never drafted for")
         self.lookup_not_searched = counter("lookup_rows_not_searched",
                                            "request steps whose prompt-lookup search could not pay and was skipped")
         self.accepted = Histogram(PREFIX + "accepted_tokens_per_request_step",
