@@ -103,12 +103,44 @@ def _cost_model_where_drafting_stops_paying_above_batch_8(machine=None):
     return cost
 
 
-def test_cost_model_turns_drafting_off_at_large_batch(tiny_target, edd_always_confident, tiny_plain_outputs,
-                                                      tmp_path):
+def _drafter_that_stops_paying_above_batch_8(edd_always_confident, tmp_path) -> dict:
+    """Speculative config of the always-confident tiny drafter with a cost model of this machine under
+    which drafting pays up to batch 8 only."""
     folder = tmp_path / "drafter"
     shutil.copytree(edd_always_confident[False], folder)
     _cost_model_where_drafting_stops_paying_above_batch_8().save(folder / "cost_model.json")
-    spec = {"method": "eagle3", "model": str(folder), "num_speculative_tokens": 3}
+    return {"method": "eagle3", "model": str(folder), "num_speculative_tokens": 3}
+
+
+def _generate_shrinking_batch(tiny_target, spec, tiny_plain_outputs, then_one: bool = False):
+    """64 greedy requests of different lengths at once (they finish at different steps, so the batch
+    shrinks into the sizes where drafting pays), checked against plain decoding. then_one: one more request
+    in the same engine afterwards, checked too. -> (metrics after the 64, after the extra one or None)"""
+    from vllm import SamplingParams
+
+    from vllm_specx.testing import make_llm, read_spec_metrics, shutdown
+
+    lengths = [4 + (i * 7) % 29 for i in range(64)]
+    llm = make_llm(tiny_target, spec, max_num_seqs=64)
+    try:
+        outs = llm.generate(many_prompts(64), [SamplingParams(temperature=0, max_tokens=m) for m in lengths],
+                            use_tqdm=False)
+        many = read_spec_metrics(llm)
+        one = llm.generate(many_prompts(64)[:1], SamplingParams(temperature=0, max_tokens=32),
+                           use_tqdm=False) if then_one else None
+        after_one = read_spec_metrics(llm) if then_one else None
+    finally:
+        shutdown(llm)
+    want = [t[:m] for t, m in zip(tiny_plain_outputs["many"].token_ids, lengths)]
+    assert_same_tokens(want, [list(o.outputs[0].token_ids) for o in outs])
+    if then_one:
+        assert_same_tokens(tiny_plain_outputs["many"].token_ids[:1], [list(one[0].outputs[0].token_ids)])
+    return many, after_one
+
+
+def test_cost_model_turns_drafting_off_at_large_batch(tiny_target, edd_always_confident, tiny_plain_outputs,
+                                                      tmp_path):
+    spec = _drafter_that_stops_paying_above_batch_8(edd_always_confident, tmp_path)
     big = run_generate(tiny_target, many_prompts(64), spec, max_tokens=32, llm_kwargs={"max_num_seqs": 64})
     assert_same_tokens(tiny_plain_outputs["many"].token_ids, big.token_ids)
     one = run_generate(tiny_target, many_prompts(64)[:1], spec, max_tokens=32)
@@ -125,9 +157,7 @@ def test_steps_that_do_not_pay_can_skip_the_drafters_forward_losslessly(tiny_tar
     also when drafting resumes with holes in the drafter's KV cache (as requests finish)."""
     from vllm_specx.vllm_adapter.draft_length import ChainStopController
 
-    folder = tmp_path / "drafter"
-    shutil.copytree(edd_always_confident[False], folder)
-    _cost_model_where_drafting_stops_paying_above_batch_8().save(folder / "cost_model.json")
+    spec = _drafter_that_stops_paying_above_batch_8(edd_always_confident, tmp_path)
     skipped = []
     orig = ChainStopController.forward_skipped
 
@@ -138,27 +168,13 @@ def test_steps_that_do_not_pay_can_skip_the_drafters_forward_losslessly(tiny_tar
 
     monkeypatch.setattr(ChainStopController, "forward_skipped", counted)  # the engine runs in this process
     monkeypatch.setenv("SPECX_SKIP_FORWARD", "1")
-    from vllm import SamplingParams
-
-    from vllm_specx.testing import make_llm, read_spec_metrics, shutdown
-
     from prometheus_client import REGISTRY
 
     def counter() -> float:
         return REGISTRY.get_sample_value("specx:drafter_forwards_skipped_total") or 0.0
 
-    spec = {"method": "eagle3", "model": str(folder), "num_speculative_tokens": 3}
-    lengths = [4 + (i * 7) % 29 for i in range(64)]  # requests finish at different steps: the batch shrinks
     before = counter()
-    llm = make_llm(tiny_target, spec, max_num_seqs=64)
-    try:
-        outs = llm.generate(many_prompts(64), [SamplingParams(temperature=0, max_tokens=m) for m in lengths],
-                            use_tqdm=False)
-        metrics = read_spec_metrics(llm)
-    finally:
-        shutdown(llm)
-    want = [t[:m] for t, m in zip(tiny_plain_outputs["many"].token_ids, lengths)]
-    assert_same_tokens(want, [list(o.outputs[0].token_ids) for o in outs])
+    metrics, _ = _generate_shrinking_batch(tiny_target, spec, tiny_plain_outputs)
     assert sum(skipped) > 5, sum(skipped)  # decode steps with many requests in flight skipped the forward
     assert counter() - before == sum(skipped)  # specx:drafter_forwards_skipped on /metrics
     assert metrics.num_drafts > 0  # the tail (few requests left) drafted again, over a KV cache with holes
@@ -178,9 +194,7 @@ def test_skip_prefill_leaves_new_requests_drafter_blind_losslessly(tiny_target, 
 
     from vllm_specx.vllm_adapter.draft_length import ChainStopController
 
-    folder = tmp_path / "drafter"
-    shutil.copytree(edd_always_confident[False], folder)
-    _cost_model_where_drafting_stops_paying_above_batch_8().save(folder / "cost_model.json")
+    spec = _drafter_that_stops_paying_above_batch_8(edd_always_confident, tmp_path)
     seen_steps = []  # (request ids, lengths, drafter-blind requests) of every armed step
     orig_finish = ChainStopController.finish
 
@@ -193,28 +207,12 @@ def test_skip_prefill_leaves_new_requests_drafter_blind_losslessly(tiny_target, 
 
     monkeypatch.setattr(ChainStopController, "finish", recorded)  # the engine runs in this process
     monkeypatch.setenv("SPECX_SKIP_PREFILL", "1")
-    from vllm import SamplingParams
-
-    from vllm_specx.testing import make_llm, read_spec_metrics, shutdown
 
     def blind_counter() -> float:
         return REGISTRY.get_sample_value("specx:drafter_blind_requests_total") or 0.0
 
-    spec = {"method": "eagle3", "model": str(folder), "num_speculative_tokens": 3}
-    lengths = [4 + (i * 7) % 29 for i in range(64)]  # requests finish at different steps: the batch shrinks
     before = blind_counter()
-    llm = make_llm(tiny_target, spec, max_num_seqs=64)
-    try:
-        outs = llm.generate(many_prompts(64), [SamplingParams(temperature=0, max_tokens=m) for m in lengths],
-                            use_tqdm=False)
-        many = read_spec_metrics(llm)
-        one = llm.generate(many_prompts(64)[:1], SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
-        both = read_spec_metrics(llm)
-    finally:
-        shutdown(llm)
-    want = [t[:m] for t, m in zip(tiny_plain_outputs["many"].token_ids, lengths)]
-    assert_same_tokens(want, [list(o.outputs[0].token_ids) for o in outs])
-    assert_same_tokens(tiny_plain_outputs["many"].token_ids[:1], [list(one[0].outputs[0].token_ids)])
+    many, both = _generate_shrinking_batch(tiny_target, spec, tiny_plain_outputs, then_one=True)
     assert blind_counter() - before >= 32, blind_counter() - before  # most of the 64 prompts skipped
     tail = [(ids, n, blind) for ids, n, blind in seen_steps if 0 < len(ids) <= 8 and blind & set(ids)]
     assert tail, "the tail (batch <= 8: drafting pays) never held a drafter-blind request"
