@@ -132,7 +132,8 @@ def serve_and_measure(target: str, spec: dict | None, prompts: list[str], levels
             d = {k: _metric(after, k) - _metric(before, k) for k in (
                 "vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
                 "vllm:spec_decode_num_accepted_tokens", "specx:draft_tokens_kept", "specx:skipped_steps",
-                "specx:drafter_forwards_skipped", "specx:drafter_blind_requests")}
+                "specx:drafter_forwards_skipped", "specx:drafter_blind_requests", "vllm:prefix_cache_hits",
+                "vllm:iteration_tokens_total_count", "vllm:iteration_tokens_total_sum")}
             level["spec_counters"] = d
             drafts, acc = d["vllm:spec_decode_num_drafts"], d["vllm:spec_decode_num_accepted_tokens"]
             level["mean_acceptance_length"] = 1 + acc / drafts if drafts else None
@@ -174,9 +175,17 @@ def plot(result: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     levels = result["concurrency"]
+    # One level, several repetitions: the first panel shows every repetition's ratio to none instead.
+    by_rep = len(levels) == 1 and result["runs"]["none" if "none" in result["runs"] else result["methods"][0]][
+        str(levels[0])].get("reps_throughput_vs_none") is not None
     for i, m in enumerate(result["methods"]):
         r, color = result["runs"][m], f"C{i}"  # one colour per method; dashed = p90
-        axes[0].plot(levels, [r[str(c)]["tokens_per_s"] for c in levels], marker="o", color=color, label=m)
+        if by_rep:
+            ratios = r[str(levels[0])]["reps_throughput_vs_none"]
+            axes[0].bar([i + 0.8 * (j + 0.5) / len(ratios) - 0.4 for j in range(len(ratios))], ratios,
+                        width=0.8 / len(ratios), color=color, label=m)
+        else:
+            axes[0].plot(levels, [r[str(c)]["tokens_per_s"] for c in levels], marker="o", color=color, label=m)
         axes[1].plot(levels, [r[str(c)]["ttft_p50_s"] for c in levels], marker="o", color=color, label=f"{m} p50")
         axes[1].plot(levels, [r[str(c)]["ttft_p90_s"] for c in levels], ls="--", marker=".", color=color,
                      label=f"{m} p90")
@@ -188,6 +197,16 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xlabel("concurrent requests")
         ax.set_title(title)
         ax.legend()
+    if by_rep:
+        ax = axes[0]
+        ax.set_xscale("linear")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(range(len(result["methods"])), result["methods"], fontsize=8)
+        ax.set_xlabel(f"one bar per repetition, {levels[0]} in flight")
+        ratios = [x for m in result["methods"] for x in result["runs"][m][str(levels[0])]["reps_throughput_vs_none"]]
+        ax.set_ylim(min(0.8, min(ratios) - 0.02), max(1.1, max(ratios) + 0.02))
+        ax.get_legend().remove()  # the ticks name the methods
+        ax.set_title("output tokens/s, ratio to none of the same repetition")
     fig.suptitle(f"vllm serve, {result['target']} on {result['machine']['gpu'] or result['machine']['host_cpu']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -202,16 +221,25 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--tag", default="smollm2_cpu")
     ap.add_argument("--reps", type=int, default=1, help="servers per method, methods interleaved; medians reported")
+    ap.add_argument("--replot", type=Path, help="redraw the plot of a results JSON and exit")
+    ap.add_argument("--distinct", action="store_true",
+                    help="as many distinct prompts as requests (default: max(concurrency) // 6 + 2 per category, "
+                         "reused, so later requests hit the prefix cache)")
     args = ap.parse_args()
+    if args.replot:
+        plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+        return
 
     from vllm_specx.models import smollm2_path
 
     target = str(smollm2_path())
-    prompts = [t for _, t in load_prompts(["spec_bench"], per_category=max(args.concurrency) // 6 + 2)]
+    pool = max(args.concurrency + [args.min_requests]) if args.distinct else max(args.concurrency)
+    prompts = [t for _, t in load_prompts(["spec_bench"], per_category=pool // 6 + 2)]
     specs = {m.split("=", 1)[0]: method_config(m, args.k) for m in args.methods}
     result = {"target": "SmolLM2-135M-Instruct", "concurrency": args.concurrency, "methods": list(specs),
               "speculative_configs": specs, "max_tokens": args.max_tokens, "min_requests": args.min_requests,
-              "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "reps": args.reps, "runs": {}}
+              "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "reps": args.reps,
+              "distinct_prompts": len(set(prompts)), "runs": {}}
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"serve_{args.tag}.json"
     reps: dict[str, list[dict]] = {m: [] for m in specs}

@@ -17,6 +17,7 @@ def test_entry_point_is_declared():
 def test_register_is_idempotent_and_only_adds_names():
     import vllm.model_executor.models.llama_eagle3 as eagle3_mod
     from vllm import ModelRegistry
+    from vllm.config.speculative import SpeculativeConfig
     from vllm.transformers_utils.configs.speculators.algos import SUPPORTED_SPECULATORS_TYPES
     from vllm.v1.spec_decode import llm_base_proposer
 
@@ -33,8 +34,26 @@ def test_register_is_idempotent_and_only_adds_names():
     assert "SpecxEddForCausalLM" in ModelRegistry.get_supported_archs()
     assert {k: v for k, v in SUPPORTED_SPECULATORS_TYPES.items() if k in algos_before} == algos_before
     assert set(SUPPORTED_SPECULATORS_TYPES) - set(algos_before) <= {"specx_edd"}
-    # nothing in vLLM was patched
+    # nothing in vLLM was patched but one method, wrapped once, whose answer changes only for EDD drafters
     assert (llm_base_proposer.SpecDecodeBaseProposer.propose, eagle3_mod.Eagle3LlamaForCausalLM.forward) == watched
+    drop = SpeculativeConfig.use_eagle_block_drop
+    assert drop.__specx_wrapped__ and not getattr(drop.__wrapped__, "__specx_wrapped__", False)
+
+
+def test_only_edd_drafters_keep_the_last_prefix_cache_block(monkeypatch):
+    from types import SimpleNamespace
+
+    from vllm_specx.vllm_adapter.prefix_cache import _wrap_use_eagle_block_drop
+
+    asked = []
+    wrapped = _wrap_use_eagle_block_drop(lambda self: asked.append(self) or True)
+    edd = SimpleNamespace(draft_model_config=SimpleNamespace(architectures=["SpecxEddForCausalLM"]))
+    eagle3 = SimpleNamespace(draft_model_config=SimpleNamespace(architectures=["LlamaForCausalLMEagle3"]))
+    assert wrapped(edd) is False and asked == []
+    assert wrapped(eagle3) is True and wrapped(SimpleNamespace(draft_model_config=None)) is True
+    assert len(asked) == 2  # vLLM's own answer for everything else
+    monkeypatch.setenv("SPECX_EAGLE_BLOCK_DROP", "1")  # for measuring the drop's cost: EDD gets vLLM's answer
+    assert wrapped(edd) is True and len(asked) == 3
 
 
 def test_register_imports_no_model_code():

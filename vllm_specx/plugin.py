@@ -1,7 +1,9 @@
 """`vllm.general_plugins` entry point: runs in every vLLM process (API server, engine core, workers).
 
-`register()` only adds names to vLLM's registries (lazily, by module path): it imports no model code,
-patches nothing and changes no behaviour unless a specx drafter is requested. It is idempotent.
+`register()` adds names to vLLM's registries (lazily, by module path) and wraps one method whose answer
+changes only for a specx drafter (`SpeculativeConfig.use_eagle_block_drop`, see
+vllm_adapter/prefix_cache.py): it imports no model code and changes no behaviour unless a specx drafter
+is requested. It is idempotent.
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ def register() -> None:
     from vllm_specx.checkpoint import EDD_SPECULATORS_TYPE, update_edd_pretrained_config
 
     SUPPORTED_SPECULATORS_TYPES.setdefault(EDD_SPECULATORS_TYPE, update_edd_pretrained_config)
+
+    from vllm_specx.vllm_adapter.prefix_cache import install_prefix_cache_hook
+
+    install_prefix_cache_hook()
 
 
 def _trace_process() -> None:

@@ -138,8 +138,13 @@ INTERNALS: tuple[Internal, ...] = (
              "and compute_logits per draft step, feeding the second output back", is_class=True,
              members=("propose", "_run_model", "_prefill"), runner="v2"),
     Internal("vllm.config.speculative:SpeculativeConfig",
-             "specx is requested through method='eagle3' + a drafter folder", is_class=True,
-             members=("use_eagle",)),
+             "specx is requested through method='eagle3' + a drafter folder; prefix_cache.py reads "
+             "draft_model_config.architectures", is_class=True, members=("use_eagle",),
+             fields=("draft_model_config", "disable_eagle_block_drop")),
+    Internal("vllm.config.speculative:SpeculativeConfig.use_eagle_block_drop",
+             "wrapped to answer False for EDD drafters (prefix_cache.py): the scheduler asks it when it builds "
+             "its KV cache manager (engine-core process, after plugins load) whether to drop the last block "
+             "of a prefix-cache hit", params=("self",)),
 )
 
 
