@@ -222,6 +222,9 @@ def main() -> None:
     ap.add_argument("--tag", default="smollm2_cpu")
     ap.add_argument("--reps", type=int, default=1, help="servers per method, methods interleaved; medians reported")
     ap.add_argument("--replot", type=Path, help="redraw the plot of a results JSON and exit")
+    ap.add_argument("--interleave", action="store_true",
+                    help="order prompts round-robin over categories (default: category by category, so a "
+                         "level with few requests sees only the first categories)")
     ap.add_argument("--distinct", action="store_true",
                     help="as many distinct prompts as requests (default: max(concurrency) // 6 + 2 per category, "
                          "reused, so later requests hit the prefix cache)")
@@ -234,12 +237,17 @@ def main() -> None:
 
     target = str(smollm2_path())
     pool = max(args.concurrency + [args.min_requests]) if args.distinct else max(args.concurrency)
-    prompts = [t for _, t in load_prompts(["spec_bench"], per_category=pool // 6 + 2)]
+    labelled = load_prompts(["spec_bench"], per_category=pool // 6 + 2)
+    if args.interleave:
+        cats = list(dict.fromkeys(c for c, _ in labelled))
+        by_cat = [[t for c, t in labelled if c == cat] for cat in cats]
+        labelled = [(cats[j], ts[i]) for i in range(max(map(len, by_cat))) for j, ts in enumerate(by_cat) if i < len(ts)]
+    prompts = [t for _, t in labelled]
     specs = {m.split("=", 1)[0]: method_config(m, args.k) for m in args.methods}
     result = {"target": "SmolLM2-135M-Instruct", "concurrency": args.concurrency, "methods": list(specs),
               "speculative_configs": specs, "max_tokens": args.max_tokens, "min_requests": args.min_requests,
               "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "reps": args.reps,
-              "distinct_prompts": len(set(prompts)), "runs": {}}
+              "distinct_prompts": len(set(prompts)), "interleaved": args.interleave, "runs": {}}
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"serve_{args.tag}.json"
     reps: dict[str, list[dict]] = {m: [] for m in specs}

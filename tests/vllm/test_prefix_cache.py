@@ -50,7 +50,8 @@ def _run(target: str, spec: dict | None, monkeypatch) -> dict:
         outs, steps = [], []
         for p in prompts:
             drafts.append([])
-            outs += [list(o.outputs[0].token_ids) for o in llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)]
+            (out,) = llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)
+            outs.append(list(out.outputs[0].token_ids))
             steps.append(drafts[-1])
         return outs, steps
 
