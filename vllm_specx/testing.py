@@ -52,6 +52,14 @@ class RunResult:
         return self.num_output_tokens / self.wall_s if self.wall_s else float("nan")
 
 
+def specx_counter(name: str) -> float:
+    """specx's Prometheus counter `specx:<name>_total` in this process (0 before its first increment); the
+    tests run the engine in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so this is what /metrics shows."""
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(f"specx:{name}_total") or 0.0
+
+
 def read_spec_metrics(llm) -> SpecMetrics:
     m = SpecMetrics()
     for metric in llm.get_metrics():

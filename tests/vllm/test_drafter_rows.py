@@ -3,12 +3,10 @@
 import pytest
 
 from tests.conftest import many_prompts
-from vllm_specx.testing import assert_same_tokens, run_generate
+from vllm_specx.testing import assert_same_tokens, run_generate, specx_counter
 
 
 def _drafts_and_rows_skipped(monkeypatch, tiny_target, drafter) -> tuple[list[list[int]], float, list]:
-    from prometheus_client import REGISTRY
-
     from vllm_specx.vllm_adapter.edd_model import SpecxEddForCausalLM
 
     drafted: list[list[int]] = []  # argmax of every compute_logits call: the tokens the drafter proposed
@@ -21,10 +19,10 @@ def _drafts_and_rows_skipped(monkeypatch, tiny_target, drafter) -> tuple[list[li
 
     recording.unrecorded = original
     monkeypatch.setattr(SpecxEddForCausalLM, "compute_logits", recording)
-    before = REGISTRY.get_sample_value("specx:drafter_rows_skipped_total") or 0.0
+    before = specx_counter("drafter_rows_skipped")
     spec = {"method": "eagle3", "model": drafter, "num_speculative_tokens": 3}
     res = run_generate(tiny_target, many_prompts(16), spec, max_tokens=16)
-    skipped = (REGISTRY.get_sample_value("specx:drafter_rows_skipped_total") or 0.0) - before
+    skipped = specx_counter("drafter_rows_skipped") - before
     return drafted, skipped, res.token_ids
 
 

@@ -8,7 +8,7 @@ import torch
 
 from tests.conftest import many_prompts
 from vllm_specx.core.early_stop import FEATURE_NAMES, train_early_stop
-from vllm_specx.testing import assert_same_tokens, run_generate
+from vllm_specx.testing import assert_same_tokens, run_generate, specx_counter
 from vllm_specx.training.early_stop_data import attach_early_stop
 
 K = 3
@@ -168,15 +168,10 @@ def test_steps_that_do_not_pay_can_skip_the_drafters_forward_losslessly(tiny_tar
 
     monkeypatch.setattr(ChainStopController, "forward_skipped", counted)  # the engine runs in this process
     monkeypatch.setenv("SPECX_SKIP_FORWARD", "1")
-    from prometheus_client import REGISTRY
-
-    def counter() -> float:
-        return REGISTRY.get_sample_value("specx:drafter_forwards_skipped_total") or 0.0
-
-    before = counter()
+    before = specx_counter("drafter_forwards_skipped")
     metrics, _ = _generate_shrinking_batch(tiny_target, spec, tiny_plain_outputs)
     assert sum(skipped) > 5, sum(skipped)  # decode steps with many requests in flight skipped the forward
-    assert counter() - before == sum(skipped)  # specx:drafter_forwards_skipped on /metrics
+    assert specx_counter("drafter_forwards_skipped") - before == sum(skipped)  # on /metrics
     assert metrics.num_drafts > 0  # the tail (few requests left) drafted again, over a KV cache with holes
     skipped.clear()
     one = run_generate(tiny_target, many_prompts(64)[:1], spec, max_tokens=32)
@@ -190,8 +185,6 @@ def test_skip_prefill_leaves_new_requests_drafter_blind_losslessly(tiny_target, 
     skip the drafter's forward too; the requests they leave out of the drafter's KV cache draft nothing for
     the rest of their life, also when drafting pays again in the tail. Outputs are plain decoding's; a
     request arriving when drafting pays is drafted for."""
-    from prometheus_client import REGISTRY
-
     from vllm_specx.vllm_adapter.draft_length import ChainStopController
 
     spec = _drafter_that_stops_paying_above_batch_8(edd_always_confident, tmp_path)
@@ -207,13 +200,10 @@ def test_skip_prefill_leaves_new_requests_drafter_blind_losslessly(tiny_target, 
 
     monkeypatch.setattr(ChainStopController, "finish", recorded)  # the engine runs in this process
     monkeypatch.setenv("SPECX_SKIP_PREFILL", "1")
-
-    def blind_counter() -> float:
-        return REGISTRY.get_sample_value("specx:drafter_blind_requests_total") or 0.0
-
-    before = blind_counter()
+    before = specx_counter("drafter_blind_requests")
     many, both = _generate_shrinking_batch(tiny_target, spec, tiny_plain_outputs, then_one=True)
-    assert blind_counter() - before >= 32, blind_counter() - before  # most of the 64 prompts skipped
+    blind = specx_counter("drafter_blind_requests") - before
+    assert blind >= 32, blind  # most of the 64 prompts skipped
     tail = [(ids, n, blind) for ids, n, blind in seen_steps if 0 < len(ids) <= 8 and blind & set(ids)]
     assert tail, "the tail (batch <= 8: drafting pays) never held a drafter-blind request"
     assert all(k == 0 for ids, n, blind in tail for r, k in zip(ids, n) if r in blind)  # blind: no drafts

@@ -13,7 +13,7 @@ import torch
 
 from tests.conftest import many_prompts
 from tests.vllm.trees import K
-from vllm_specx.testing import assert_same_tokens, run_generate
+from vllm_specx.testing import assert_same_tokens, run_generate, specx_counter
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +83,9 @@ def _record_chain_and_check_expansion(monkeypatch):
 
 def test_expansion_along_the_chain_reproduces_the_chain_and_runner_ups_are_expanded(
         tiny_target, edd_tree_drafter_mixing, tiny_plain_outputs, monkeypatch):
-    from prometheus_client import REGISTRY
-
     from vllm_specx.vllm_adapter import tree_step
 
-    counted = REGISTRY.get_sample_value("specx:tree_runner_ups_expanded_total") or 0.0
+    counted = specx_counter("tree_runner_ups_expanded")
     # node threshold 0: chains run to depth K, so most expansions have a chain depth to compare with
     monkeypatch.setenv("SPECX_NODE_THRESHOLD", "0")
     seen = _record_chain_and_check_expansion(monkeypatch)
@@ -102,7 +100,7 @@ def test_expansion_along_the_chain_reproduces_the_chain_and_runner_ups_are_expan
     print("expansion check:", len(seen["checked"]), "rows,", seen["new_parent"], "with parent != node, max |log-prob "
           "error|", seen["max_err"])
     assert seen["expanded"] > 0  # real runner-ups were expanded in the same run
-    counted = (REGISTRY.get_sample_value("specx:tree_runner_ups_expanded_total") or 0.0) - counted
+    counted = specx_counter("tree_runner_ups_expanded") - counted
     assert counted >= seen["expanded"]  # the metric counts the real expansions (and the test's own re-runs)
     assert tree_step.STATS["tree_requests"] > before["tree_requests"]
 

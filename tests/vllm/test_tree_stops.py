@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import many_prompts
 from tests.vllm.trees import K, install_oracle
-from vllm_specx.testing import assert_same_tokens, make_llm, shutdown
+from vllm_specx.testing import assert_same_tokens, make_llm, shutdown, specx_counter
 
 
 def _generate(target: str, spec: dict | None, prompts: list[str], params: list, **llm_kwargs):
@@ -49,10 +49,9 @@ def test_requests_stopping_inside_accepted_tree_paths(tiny_target, edd_tree_draf
             params.append(SamplingParams(temperature=0.0, max_tokens=32))
     plain, _ = _generate(tiny_target, None, prompts, params)
     install_oracle(monkeypatch, tiny_target, prompts, plain_32)
-    from prometheus_client import REGISTRY
 
-    def exported(name):  # specx's Prometheus counters (the engine runs in this process)
-        return REGISTRY.get_sample_value(f"specx:tree_{name}_total") or 0.0
+    def exported(name):  # specx's Prometheus counters
+        return specx_counter(f"tree_{name}")
 
     before_exported = {n: exported(n) for n in ("requests", "nodes_verified", "nodes_accepted")}
     before = dict(tree_step.STATS)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import PROMPTS, many_prompts
-from vllm_specx.testing import assert_same_tokens, run_generate
+from vllm_specx.testing import assert_same_tokens, run_generate, specx_counter
 
 K = 3
 
@@ -157,10 +157,9 @@ def test_speculative_head_hands_large_batches_to_the_full_head(tiny_target, tiny
         return orig(self, hidden, lm_head_weight, **kwargs)
 
     monkeypatch.setattr(VocabSubsetHead, "forward", counting_forward)  # the engine runs in this process
-    from prometheus_client import REGISTRY
 
     def rows(name):
-        return REGISTRY.get_sample_value(f"specx:vocab_{name}_rows_total") or 0.0
+        return specx_counter(f"vocab_{name}_rows")
 
     before = rows("subset"), rows("full")
     drafter = _drafter_with_vocab(tiny_edd_drafter, tmp_path, "speculative", num_candidates=64, max_batch=1)
