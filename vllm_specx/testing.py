@@ -5,6 +5,7 @@ Used by the test suite (tests/conftest.py wraps it in fixtures) and by the bench
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import time
@@ -58,6 +59,27 @@ def specx_counter(name: str) -> float:
     from prometheus_client import REGISTRY
 
     return REGISTRY.get_sample_value(f"specx:{name}_total") or 0.0
+
+
+@contextlib.contextmanager
+def recording_drafts():
+    """Within: every call of the EDD drafter's compute_logits (in this process) appends the argmax of its
+    rows, the tokens it proposed, to the yielded list (one list per call, rows in batch order)."""
+    from vllm_specx.vllm_adapter.edd_model import SpecxEddForCausalLM
+
+    drafted: list[list[int]] = []
+    original = SpecxEddForCausalLM.compute_logits
+
+    def recording(self, hidden_states):
+        logits = original(self, hidden_states)
+        drafted.append(logits.argmax(dim=-1).tolist())
+        return logits
+
+    SpecxEddForCausalLM.compute_logits = recording
+    try:
+        yield drafted
+    finally:
+        SpecxEddForCausalLM.compute_logits = original
 
 
 def read_spec_metrics(llm) -> SpecMetrics:

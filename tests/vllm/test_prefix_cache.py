@@ -10,6 +10,7 @@ are the drafts of a fresh prefill of B.
 import random
 
 import pytest
+import torch
 
 from vllm_specx.testing import assert_same_tokens, make_llm, shutdown
 
@@ -55,24 +56,30 @@ def _run(target: str, spec: dict | None, monkeypatch) -> dict:
             steps.append(drafts[-1])
         return outs, steps
 
-    def hits() -> int:
-        return sum(int(m.value) for m in llm.get_metrics() if m.name == "vllm:prefix_cache_hits")
-
     try:
-        pairs = _prompt_pairs()
-        out_a, _ = one_by_one([a for a, _ in pairs])
-        before = hits()
-        out_b, drafts_b = one_by_one([b for _, b in pairs])
-        b_hits = hits() - before
-        assert llm.reset_prefix_cache()
-        out_fresh, drafts_fresh = one_by_one([b for _, b in pairs])
+        result = _passes(llm, one_by_one)
         spec_cfg = llm.llm_engine.vllm_config.speculative_config
-        block_drop = spec_cfg.use_eagle_block_drop() if spec_cfg is not None else False
+        result["block_drop"] = spec_cfg.use_eagle_block_drop() if spec_cfg is not None else False
     finally:
         monkeypatch.undo()
         shutdown(llm)
+    return result
+
+
+def _passes(llm, one_by_one) -> dict:
+    """A, then B (hits P), then B after a prefix-cache reset; one_by_one(prompts) -> (outputs, drafts)."""
+    def hits() -> int:
+        return sum(int(m.value) for m in llm.get_metrics() if m.name == "vllm:prefix_cache_hits")
+
+    pairs = _prompt_pairs()
+    out_a, _ = one_by_one([a for a, _ in pairs])
+    before = hits()
+    out_b, drafts_b = one_by_one([b for _, b in pairs])
+    b_hits = hits() - before
+    assert llm.reset_prefix_cache()
+    out_fresh, drafts_fresh = one_by_one([b for _, b in pairs])
     return {"a": out_a, "b": out_b, "fresh": out_fresh, "b_hits": b_hits, "drafts_b": drafts_b,
-            "drafts_fresh": drafts_fresh, "block_drop": block_drop}
+            "drafts_fresh": drafts_fresh}
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +117,49 @@ def test_eagle3_keeps_vllms_block_drop_and_needs_it(tiny_target, tiny_eagle3_dra
             assert_same_tokens(plain[key], run[key])
     assert default["drafts_b"] == default["drafts_fresh"]
     assert reuse["drafts_b"] != reuse["drafts_fresh"]
+
+
+def run_under_v2(target: str, spec: dict) -> dict:
+    """`_run` under the V2 model runner, in a fresh process (tests/vllm/v2_cpu.py): drafts are recorded at
+    the drafter (one request at a time, so one row per drafter call)."""
+    from tests.vllm.v2_cpu import enable_v2_runner
+
+    enable_v2_runner()
+    from vllm import SamplingParams
+
+    from vllm_specx.testing import recording_drafts
+
+    llm = make_llm(target, spec, block_size=BLOCK, enable_prefix_caching=True)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+
+    def one_by_one(prompts):
+        outs, steps = [], []
+        for p in prompts:
+            with recording_drafts() as drafts:
+                (out,) = llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)
+            outs.append(list(out.outputs[0].token_ids))
+            steps.append(drafts)
+        return outs, steps
+
+    try:
+        runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
+        assert "vllm.v1.worker.gpu.model_runner" in {c.__module__ for c in type(runner).__mro__}
+        return _passes(llm, one_by_one)
+    finally:
+        shutdown(llm)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the V2 runner on CPU; on a GPU it is the default")
+def test_edd_prefix_cache_hits_under_the_v2_runner(tiny_target, tiny_edd_drafter, plain):
+    """The same under the GPU build's default V2 runner, whose EAGLE speculator prefills the drafter on its
+    own: B hits all of P and its drafts equal those of a fresh prefill."""
+    import multiprocessing
+
+    spec = {"method": "eagle3", "model": tiny_edd_drafter, "num_speculative_tokens": 3}
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        edd = pool.apply(run_under_v2, (tiny_target, spec))
+    assert edd["b_hits"] == plain["b_hits"] == PAIRS * 2 * BLOCK
+    for key in ("a", "b", "fresh"):
+        assert_same_tokens(plain[key], edd[key])
+    assert sum(len(steps) for steps in edd["drafts_b"]) >= PAIRS * 4
+    assert edd["drafts_b"] == edd["drafts_fresh"]

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from vllm_specx.testing import assert_same_tokens, generate, make_llm, shutdown
 
@@ -55,3 +56,45 @@ def test_bundled_edd_equals_plain_on_smollm2_60_prompts(monkeypatch):
         assert_same_tokens(plain.token_ids, res.token_ids)
         # a trained drafter must actually be accepted, not merely harmless
         assert res.metrics.num_accepted_tokens > 0.05 * res.metrics.num_drafts, (mode, res.metrics)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the V2 runner on CPU; on a GPU it is the default")
+def test_bundled_edd_under_the_v2_runner_drafts_like_v1_on_smollm2(monkeypatch):
+    """The GPU build's default V2 model runner (run on CPU, tests/vllm/v2_cpu.py) with the trained drafter:
+    output equal to plain decoding on 24 Spec-Bench prompts (4 per category), and every draft step the same
+    tokens as the V1 runner drafting at the same fixed K (V2 runs the drafter without specx's V1-only early
+    stop). Fewer prompts than the V1 test: V2's rejection sampler runs vocabulary-wide Triton kernels, slow
+    in the interpreter."""
+    import multiprocessing
+
+    from tests.vllm.test_v2_runner import assert_same_draft_steps
+    from tests.vllm.v2_cpu import generate_under_v2
+    from vllm_specx.models import smollm2_path
+    from vllm_specx.testing import recording_drafts
+
+    target = str(smollm2_path())
+    prompts = _prompts(24)
+    spec = {"method": "eagle3", "model": str(BUNDLED), "num_speculative_tokens": 5}
+    # every prompt prefilled in one step: a request whose prefill is chunked gets throwaway drafts for its
+    # partial prompt, which the runners compute differently (never verified)
+    opts = {"max_num_seqs": 64, "max_model_len": 2048, "max_num_batched_tokens": 65536}
+    llm = make_llm(target, **opts)
+    try:
+        plain = generate(llm, prompts, max_tokens=64)
+    finally:
+        shutdown(llm)
+    monkeypatch.setenv("SPECX_EARLY_STOP", "0")
+    llm = make_llm(target, spec, **opts)
+    try:
+        with recording_drafts() as v1_drafts:
+            v1 = generate(llm, prompts, max_tokens=64)
+    finally:
+        shutdown(llm)
+    monkeypatch.delenv("SPECX_EARLY_STOP")
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        [(v2, v2_drafts, runner_mro, _, _)] = pool.apply(generate_under_v2, ([(target, prompts, spec, 64, opts)],))
+    assert "vllm.v1.worker.gpu.model_runner.GPUModelRunner" in runner_mro
+    assert_same_tokens(plain.token_ids, v2.token_ids)
+    assert_same_draft_steps(v2_drafts, v1_drafts, 5)
+    assert v2.metrics.num_accepted_tokens == v1.metrics.num_accepted_tokens > 0.05 * v1.metrics.num_drafts
