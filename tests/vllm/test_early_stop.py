@@ -260,3 +260,37 @@ def test_cost_model_measured_in_the_active_vocab_mode_wins(edd_always_confident,
     assert not load_controller(folder, es, 3, vocab_mode="speculative").drafting_pays(64)
     full = load_controller(folder, es, 3, vocab_mode="full")  # no cost_model.json: the fixed threshold
     assert full.drafting_pays(64) and full.threshold_for_batch(64) == es["threshold"]
+
+
+def _engine_config(async_scheduling=False, adaptive=False, dp=1, cudagraph="NONE"):
+    from types import SimpleNamespace
+
+    from vllm.config.compilation import CUDAGraphMode
+
+    return SimpleNamespace(scheduler_config=SimpleNamespace(async_scheduling=async_scheduling),
+                           speculative_config=SimpleNamespace(enable_adaptive_verification=adaptive),
+                           parallel_config=SimpleNamespace(data_parallel_size=dp),
+                           compilation_config=SimpleNamespace(cudagraph_mode=CUDAGraphMode[cudagraph]))
+
+
+def test_early_stop_is_refused_where_per_request_lengths_cannot_be_honoured(monkeypatch):
+    """Where the scheduler would verify K placeholders per request, or V2 would not let specx see each
+    draft step, the drafter drafts at fixed K (with the reason logged) instead of verifying -1 tokens."""
+    from vllm.platforms import current_platform
+
+    from vllm_specx.vllm_adapter.edd_model import early_stop_problem
+
+    for runner in ("v1", "v2"):
+        assert early_stop_problem(_engine_config(), runner) is None
+        assert "async scheduling" in early_stop_problem(_engine_config(async_scheduling=True), runner)
+    # V1 does not care about V2's own machinery
+    assert early_stop_problem(_engine_config(adaptive=True, dp=2, cudagraph="FULL_AND_PIECEWISE"), "v1") is None
+    assert "adaptive verification" in early_stop_problem(_engine_config(adaptive=True), "v2")
+    assert "data parallelism" in early_stop_problem(_engine_config(dp=2), "v2")
+    # CUDA graphs over the draft steps: only off the CPU (the CPU build captures none)
+    assert early_stop_problem(_engine_config(cudagraph="FULL_AND_PIECEWISE"), "v2") is None
+    monkeypatch.setattr(type(current_platform), "is_cpu", lambda self: False)
+    assert "CUDA graphs" in early_stop_problem(_engine_config(cudagraph="FULL_AND_PIECEWISE"), "v2")
+    assert "CUDA graphs" in early_stop_problem(_engine_config(cudagraph="FULL_DECODE_ONLY"), "v2")
+    assert early_stop_problem(_engine_config(cudagraph="PIECEWISE"), "v2") is None
+    assert early_stop_problem(_engine_config(cudagraph="NONE"), "v2") is None

@@ -4,8 +4,9 @@ V2 drives the drafter through its own EAGLE speculator (`vllm/v1/worker/gpu/spec
 proposer: these tests check that it is really that code path, that greedy output equals plain decoding,
 and that V2 drafts exactly what V1 drafts with the same drafter (the same tokens accepted at every draft
 position over the batch), i.e. V2 hands the drafter the same hidden states, positions, tokens and shared
-embedding / LM head. Under V2 specx's early stop, trees and lookup chains are off (their hooks are V1's):
-a drafter that ships them drafts a fixed K there, still losslessly.
+embedding / LM head. Under V2 specx's early stop works on chains (per-request lengths, online feedback
+from the target, steps skipped where the cost model says drafting does not pay): the same lengths and
+tokens as under V1. PCT trees and lookup chains are V1's: a drafter that ships them drafts chains there.
 """
 
 import multiprocessing
@@ -13,7 +14,8 @@ import multiprocessing
 import pytest
 import torch
 
-from tests.conftest import PROMPTS
+from tests.conftest import PROMPTS, many_prompts
+from tests.vllm.test_early_stop import _drafter_that_stops_paying_above_batch_8, edd_always_confident  # noqa: F401
 from tests.vllm.test_vocab_modes import _drafter_with_vocab
 from tests.vllm.trees import K as TREE_K
 from vllm_specx.testing import assert_same_tokens, recording_drafts, run_generate
@@ -30,36 +32,64 @@ def _spec(drafter: str, k: int = K) -> dict:
 
 
 @pytest.fixture(scope="module")
-def drafters(tiny_edd_drafter, edd_tree_drafter, tmp_path_factory):
+def drafters(tiny_edd_drafter, edd_tree_drafter, edd_always_confident, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("v2")
     vocab = _drafter_with_vocab(tiny_edd_drafter, tmp, "speculative", num_candidates=64, rank=4)
     return {"edd": (_spec(tiny_edd_drafter), {}),
             "edd_speculative_vocab": (_spec(vocab), {}),
-            # ships early stop + PCT trees; V1 reference with them switched off (what V2 falls back to)
-            "edd_early_stop_trees": (_spec(edd_tree_drafter, TREE_K), {"SPECX_EARLY_STOP": "0"})}
+            # ships early stop + PCT trees: V2 drafts chains with early stop; V1 reference with trees off
+            "edd_early_stop_trees": (_spec(edd_tree_drafter, TREE_K), {"SPECX_TREE": "0"}),
+            # early stop whose lengths vary per request and step: the decision model always says "accept",
+            # the target rejects the random drafter, online feedback shortens each request on its own
+            "edd_early_stop_feedback": (_spec(edd_always_confident[True], 5), {}),
+            # cost model under which drafting pays up to batch 8 only: skipped steps, skipped forwards
+            "edd_cost_model": (_drafter_that_stops_paying_above_batch_8(edd_always_confident, tmp), {})}
+
+
+# (drafter, prompts, max_tokens, engine options). Small runs: the interpreted V2 kernels run one program
+# at a time, over the 49152-token vocabulary, ~1 s per engine step here (64 requests took minutes); the >= 50-prompt
+# mixed-batch checks of early stop are the V1 runner's (test_early_stop.py), whose drafting V2 reproduces.
+V2_RUNS = {"edd": ("edd", PROMPTS, MAX_TOKENS, {}),
+           "edd_speculative_vocab": ("edd_speculative_vocab", PROMPTS, MAX_TOKENS, {}),
+           "edd_early_stop_trees": ("edd_early_stop_trees", PROMPTS, 24, {}),
+           "edd_early_stop_feedback": ("edd_early_stop_feedback", PROMPTS, MAX_TOKENS, {}),
+           "cost_model_batch_16": ("edd_cost_model", many_prompts(16), 16, {"max_num_seqs": 16}),
+           "cost_model_batch_1": ("edd_cost_model", many_prompts(16)[:1], 16, {})}
+FIXED_K = ["edd", "edd_speculative_vocab"]
+EARLY_STOP = ["edd_early_stop_trees", "edd_early_stop_feedback"]
+
+
+def _plain(tiny_plain_outputs, name) -> list[list[int]]:
+    """Plain decoding's output for V2 run `name` (references: PROMPTS 48 tokens, many_prompts(64) 32)."""
+    _, prompts, max_tokens, _ = V2_RUNS[name]
+    ref = tiny_plain_outputs["base"].token_ids if prompts is PROMPTS else tiny_plain_outputs["many"].token_ids
+    return [t[:max_tokens] for t in ref[:len(prompts)]]
 
 
 @pytest.fixture(scope="module")
 def v2_runs(tiny_target, drafters):
     from tests.vllm.v2_cpu import generate_under_v2
 
-    runs = [(tiny_target, PROMPTS, spec, MAX_TOKENS) for spec, _ in drafters.values()]
+    runs = [(tiny_target, prompts, drafters[d][0], max_tokens, options)
+            for d, prompts, max_tokens, options in V2_RUNS.values()]
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         results = pool.apply(generate_under_v2, (runs,))
-    return dict(zip(drafters, results))
+    return dict(zip(V2_RUNS, results))
 
 
-def assert_same_draft_steps(v2_drafts: list[list[int]], v1_drafts: list[list[int]], k: int) -> None:
+def assert_same_draft_steps(v2_drafts: list[list[int]], v1_drafts: list[list[int]], k: int | None) -> None:
     """Every drafter call under V2 proposed the same tokens for the same requests as the V1 runner's call
     in the same place (rows compared as sets: the runners may order a batch differently). vLLM 0.33's V2
     runner skips drafting in a step after which no scheduled request can use drafts (every request of the
     step finishes; `SchedulerOutput.skip_drafts`), where V1 drafts anyway: V2 may leave out such whole
-    steps (k calls each), which are never verified; nothing else may differ."""
+    steps (k calls each; k=None: early stop, any number of calls), which are never verified; nothing
+    else may differ."""
     v2 = [sorted(d) for d in v2_drafts]
     v1 = [sorted(d) for d in v1_drafts]
     assert v2, "no drafter call under V2"
     skipped = len(v1) - len(v2)
-    assert skipped in (0, k, 2 * k), f"V2 made {len(v2)} drafter calls, V1 {len(v1)} (K = {k})"
+    allowed = (0, k, 2 * k) if k is not None else range(0, len(v1) + 1)
+    assert skipped in allowed, f"V2 made {len(v2)} drafter calls, V1 {len(v1)} (K = {k})"
     if skipped == 0:
         assert v2 == v1
     else:
@@ -67,31 +97,79 @@ def assert_same_draft_steps(v2_drafts: list[list[int]], v1_drafts: list[list[int
         assert all(any(call == later for later in rest) for call in v2), "V2's drafts are not V1's"
 
 
-def _v1_run(tiny_target, spec, env, monkeypatch):
+def _v1_run(tiny_target, prompts, max_tokens, spec, env, monkeypatch, llm_kwargs=None):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     with recording_drafts() as drafts:
-        res = run_generate(tiny_target, PROMPTS, spec, max_tokens=MAX_TOKENS)
+        res = run_generate(tiny_target, prompts, spec, max_tokens=max_tokens, llm_kwargs=llm_kwargs)
     return res, drafts
 
 
-@pytest.mark.parametrize("name", ["edd", "edd_speculative_vocab", "edd_early_stop_trees"])
-def test_v2_runner_drafts_like_v1_and_equals_plain(name, tiny_target, tiny_plain_outputs, drafters, v2_runs,
-                                                    monkeypatch):
-    res, drafts, runner_mro, speculator, drafter = v2_runs[name]
-    # really the V2 runner and its EAGLE speculator, driving specx's drafter class
+def _assert_v2_path(runner_mro, speculator, drafter):
+    """Really the V2 runner and its EAGLE speculator, driving specx's drafter class."""
     assert "vllm.v1.worker.gpu.model_runner.GPUModelRunner" in runner_mro
     assert "vllm.v1.worker.gpu_model_runner.GPUModelRunner" not in runner_mro  # V1's
     assert speculator.startswith("vllm.v1.worker.gpu.spec_decode.")
     assert drafter == "vllm_specx.vllm_adapter.edd_model.SpecxEddForCausalLM"
 
-    assert_same_tokens(tiny_plain_outputs["base"].token_ids, res.token_ids)
-    spec, env = drafters[name]
-    k = spec["num_speculative_tokens"]
-    assert res.metrics.num_drafts > 0 and res.metrics.num_draft_tokens == k * res.metrics.num_drafts  # fixed K
-    v1, v1_drafts = _v1_run(tiny_target, spec, env, monkeypatch)
+
+def _assert_drafts_like_v1(name, v2_runs, drafters, tiny_target, monkeypatch, k, drafted: bool = True):
+    """V2's run `name` drafted what V1 drafts with the same drafter, prompts and engine options: the same
+    draft tokens at every drafter call, the same number of drafted and accepted tokens at every position.
+    drafted=False: a run in which neither runner's drafter reaches its LM head (every step skipped)."""
+    res, drafts, *_ = v2_runs[name]
+    d, prompts, max_tokens, options = V2_RUNS[name]
+    spec, env = drafters[d]
+    v1, v1_drafts = _v1_run(tiny_target, prompts, max_tokens, spec, env, monkeypatch, options)
     # The drafts depend on the target's hidden states: feeding V2's drafter its hidden states one row off
     # changes 9 of 138 draft steps here.
-    assert_same_draft_steps(drafts, v1_drafts, k)
-    assert (res.metrics.num_drafts, res.metrics.accepted_per_pos) == (v1.metrics.num_drafts,
-                                                                      v1.metrics.accepted_per_pos)
+    if drafted:
+        assert_same_draft_steps(drafts, v1_drafts, k)
+    else:
+        assert drafts == v1_drafts == []
+    assert (res.metrics.num_drafts, res.metrics.num_draft_tokens, res.metrics.accepted_per_pos) == (
+        v1.metrics.num_drafts, v1.metrics.num_draft_tokens, v1.metrics.accepted_per_pos)
+
+
+@pytest.mark.parametrize("name", FIXED_K)
+def test_v2_runner_drafts_like_v1_and_equals_plain(name, tiny_target, tiny_plain_outputs, drafters, v2_runs,
+                                                    monkeypatch):
+    res, drafts, runner_mro, speculator, drafter, stats = v2_runs[name]
+    _assert_v2_path(runner_mro, speculator, drafter)
+    assert_same_tokens(_plain(tiny_plain_outputs, name), res.token_ids)
+    k = drafters[name][0]["num_speculative_tokens"]
+    assert stats is None  # no early-stop model shipped
+    assert res.metrics.num_drafts > 0 and res.metrics.num_draft_tokens == k * res.metrics.num_drafts  # fixed K
+    _assert_drafts_like_v1(name, v2_runs, drafters, tiny_target, monkeypatch, k)
+
+
+@pytest.mark.parametrize("name", EARLY_STOP)
+def test_v2_runner_early_stop_keeps_v1s_lengths_and_equals_plain(name, tiny_target, tiny_plain_outputs, drafters,
+                                                                 v2_runs, monkeypatch):
+    res, drafts, runner_mro, speculator, drafter, stats = v2_runs[name]
+    _assert_v2_path(runner_mro, speculator, drafter)
+    assert_same_tokens(_plain(tiny_plain_outputs, name), res.token_ids)
+    k = drafters[name][0]["num_speculative_tokens"]
+    m = res.metrics
+    # per-request lengths reached the scheduler: fewer draft tokens verified than K per draft
+    assert m.num_drafts > 0 and m.num_draft_tokens < k * m.num_drafts, m
+    # (drafts kept for a request that finishes in the step being verified are never scheduled)
+    assert stats is not None and stats["steps"] > 0 and stats["kept"] >= m.num_draft_tokens, stats
+    if name == "edd_early_stop_trees":  # the depth-0-only tree drafter: one chain token, never a tree
+        assert m.num_draft_tokens == m.num_drafts and m.accepted_per_pos[1:] == [0] * (k - 1)
+    _assert_drafts_like_v1(name, v2_runs, drafters, tiny_target, monkeypatch, None)
+
+
+def test_v2_runner_skips_drafting_where_the_cost_model_says_it_does_not_pay(tiny_target, tiny_plain_outputs,
+                                                                           drafters, v2_runs, monkeypatch):
+    big, *_, big_stats = v2_runs["cost_model_batch_16"]
+    one, *_, one_stats = v2_runs["cost_model_batch_1"]
+    assert_same_tokens(_plain(tiny_plain_outputs, "cost_model_batch_16"), big.token_ids)
+    assert_same_tokens(_plain(tiny_plain_outputs, "cost_model_batch_1"), one.token_ids)
+    # batch 1: drafts on most decode steps; 16 in flight: no step drafts, and the decode steps skip the
+    # drafter's forward too (skip_forward, on with a cost model); the prefill step runs it (no skip_prefill)
+    assert one.metrics.num_drafts >= 0.5 * one.metrics.num_engine_steps, one.metrics
+    assert big.metrics.num_drafts == 0, big.metrics
+    assert big_stats["skipped_steps"] >= 15 and big_stats.get("forward_skipped", 0) >= 14, big_stats
+    _assert_drafts_like_v1("cost_model_batch_16", v2_runs, drafters, tiny_target, monkeypatch, None, drafted=False)
+    _assert_drafts_like_v1("cost_model_batch_1", v2_runs, drafters, tiny_target, monkeypatch, None)

@@ -41,23 +41,34 @@ def enable_v2_runner() -> None:
 
 def generate_under_v2(runs: list[tuple]):
     """In a fresh process: one engine per (target, prompts, speculative config, max_tokens[, make_llm
-    options]) under the V2 runner. -> [(RunResult, drafts, the runner's classes (MRO), speculator class,
-    drafter class)]: drafts as `vllm_specx.testing.recording_drafts` records them, classes as dotted paths."""
+    options[, environment]]) under the V2 runner. -> [(RunResult, drafts, the runner's classes (MRO),
+    speculator class, drafter class, the drafter's early-stop statistics or None)]: drafts as
+    `vllm_specx.testing.recording_drafts` records them, classes as dotted paths."""
     enable_v2_runner()
     from vllm_specx.testing import generate, make_llm, recording_drafts, shutdown
 
     out = []
     for target, prompts, spec, max_tokens, *options in runs:
-        llm = make_llm(target, spec, **(options[0] if options else {}))
+        llm_kwargs, env = (list(options) + [{}, {}])[:2]
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        llm = make_llm(target, spec, **llm_kwargs)
         try:
             runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
             speculator = getattr(runner, "speculator", None)
             with recording_drafts() as drafts:
                 res = generate(llm, prompts, max_tokens=max_tokens)
+            controller = getattr(getattr(speculator, "model", None), "draft_length", None)
             out.append((res, drafts, [_path(c) for c in type(runner).__mro__], _path(type(speculator)),
-                        _path(type(getattr(speculator, "model", None)))))
+                        _path(type(getattr(speculator, "model", None))),
+                        None if controller is None else dict(controller.stats)))
         finally:
             shutdown(llm)
+            for k, v in saved.items():
+                if v is None:
+                    del os.environ[k]
+                else:
+                    os.environ[k] = v
     return out
 
 

@@ -137,10 +137,28 @@ INTERNALS: tuple[Internal, ...] = (
              "V2 runner: calls combine_hidden_states once, then model(input_ids, positions, hidden_states) "
              "and compute_logits per draft step, feeding the second output back", is_class=True,
              members=("propose", "_run_model", "_prefill"), runner="v2"),
+    Internal("vllm.v1.worker.gpu.spec_decode.target_dependent_ar.speculator:TargetDependentARSpeculator.propose",
+             "V2 early stop wraps it: input_batch (num_reqs, req_ids: the batch's rows), num_sampled [B] (tokens "
+             "just emitted per request: feedback), num_speculative_tokens; returns self.draft_tokens[:B] "
+             "([B, K], greedy argmax of compute_logits per step when self.draft_logits is None and not "
+             "self.use_local_argmax_reduction); a step that stops early returns it with -1 past its last draft",
+             params=("self", "input_batch", "attn_metadata", "slot_mappings", "last_hidden_states",
+                     "aux_hidden_states", "num_sampled"), runner="v2"),
+    Internal("vllm.v1.worker.gpu.model_runner:GPUModelRunner.take_draft_token_ids",
+             "V2 early stop wraps it to cut each request's (placeholder) draft list to its own length: the "
+             "scheduler then schedules n drafts and the runner verifies the first n of its [B, K] block",
+             params=("self",), runner="v2"),
+    Internal("vllm.config.scheduler:SchedulerConfig",
+             "early stop needs synchronous scheduling (async: K placeholders per request are verified)",
+             is_class=True, fields=("async_scheduling",)),
+    Internal("vllm.config.compilation:CompilationConfig",
+             "V2 early stop: no FULL CUDA graph over the draft steps (cudagraph_mode.decode_mode())",
+             is_class=True, fields=("cudagraph_mode",), runner="v2"),
     Internal("vllm.config.speculative:SpeculativeConfig",
              "specx is requested through method='eagle3' + a drafter folder; prefix_cache.py reads "
-             "draft_model_config.architectures", is_class=True, members=("use_eagle",),
-             fields=("draft_model_config", "disable_eagle_block_drop")),
+             "draft_model_config.architectures; early stop refuses vLLM's own adaptive verification (V2)",
+             is_class=True, members=("use_eagle",),
+             fields=("draft_model_config", "disable_eagle_block_drop", "enable_adaptive_verification")),
     Internal("vllm.config.speculative:SpeculativeConfig.use_eagle_block_drop",
              "wrapped to answer False for EDD drafters (prefix_cache.py): the scheduler asks it when it builds "
              "its KV cache manager (engine-core process, after plugins load) whether to drop the last block "

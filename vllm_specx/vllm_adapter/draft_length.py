@@ -607,11 +607,49 @@ def _branch_context(args, kwargs, next_token_ids) -> tuple | None:
     return next_token_ids.clone(), positions[sample_rows].long() + 1, metadata.block_table_tensor
 
 
+def _wrap_v2_propose(orig):
+    """V2 runner (`TargetDependentARSpeculator.propose`): the same protocol as `_wrap_propose`, where V2
+    keeps its drafts: a [B, K] block (`self.draft_tokens`) that the runner copies into its request states
+    and reads the first n of when the scheduler schedules n drafts for a request. Feedback comes here
+    too (V2 hands the speculator num_sampled [B], rows in input_batch.req_ids order). A step that ends
+    early or is skipped fills the columns nobody will verify with -1, as V2 itself does for a smaller K."""
+
+    @functools.wraps(orig)
+    def propose(self, input_batch, *args, **kwargs):
+        ctl = _controller_of(self)
+        if ctl is None or kwargs.get("dummy_run", False):
+            return orig(self, input_batch, *args, **kwargs)
+        b = input_batch.num_reqs
+        num_sampled = kwargs.get("num_sampled", args[4] if len(args) > 4 else None)  # [B] on the device
+        ctl.feedback(list(input_batch.req_ids[:b]), num_sampled[:b].tolist())
+        k = kwargs.get("num_speculative_tokens") or self.num_speculative_steps
+        # Greedy drafts through compute_logits only (not gumbel-sampled ones, nor the TP-local argmax
+        # that bypasses compute_logits): the controller's tokens are then exactly V2's.
+        greedy_drafts = self.draft_logits is None and not self.use_local_argmax_reduction
+        ctl.begin(armed=greedy_drafts and k > 1)
+        drafts = self.draft_tokens[:b]  # [B, K]
+        if greedy_drafts and ctl.skip_step(b) and ctl.forward_skipped():
+            return drafts.fill_(-1)
+        try:
+            return orig(self, input_batch, *args, **kwargs)
+        except _AllStopped as stop:
+            d = stop.tokens.shape[1]
+            drafts[:, :d] = stop.tokens.to(drafts)
+            drafts[:, d:] = -1
+            return drafts
+        finally:
+            ctl.forward_ran()
+
+    propose.__specx_wrapped__ = True
+    return propose
+
+
 def _wrap_take(orig):
     @functools.wraps(orig)
     def take_draft_token_ids(self):
         out = orig(self)
-        ctl = _controller_of(getattr(self, "drafter", None))
+        # V1 runner: its proposer is `drafter`; V2 runner: `speculator` (no trees or lookup chains there)
+        ctl = _controller_of(getattr(self, "drafter", None) or getattr(self, "speculator", None))
         lengths = ctl.finish() if ctl is not None else None
         if out is None or lengths is None or len(lengths) != len(out.draft_token_ids):
             return out
@@ -672,8 +710,17 @@ def _wrap_propose_draft_token_ids(orig):
     return propose_draft_token_ids
 
 
-def install_runner_hooks() -> None:
-    """Idempotent; a no-op for every proposer whose model carries no controller."""
+def install_runner_hooks(runner: str = "v1") -> None:
+    """Idempotent; a no-op for every proposer whose model carries no controller. runner: "v1" or "v2"."""
+    if runner == "v2":
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
+        from vllm.v1.worker.gpu.spec_decode.target_dependent_ar.speculator import TargetDependentARSpeculator
+
+        if not getattr(TargetDependentARSpeculator.propose, "__specx_wrapped__", False):
+            TargetDependentARSpeculator.propose = _wrap_v2_propose(TargetDependentARSpeculator.propose)
+        if not getattr(V2Runner.take_draft_token_ids, "__specx_wrapped__", False):
+            V2Runner.take_draft_token_ids = _wrap_take(V2Runner.take_draft_token_ids)
+        return
     from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 

