@@ -55,8 +55,8 @@ V2_RUNS = {"edd": ("edd", PROMPTS, MAX_TOKENS, {}),
            "edd_early_stop_feedback": ("edd_early_stop_feedback", PROMPTS, MAX_TOKENS, {}),
            "cost_model_batch_16": ("edd_cost_model", many_prompts(16), 16, {"max_num_seqs": 16}),
            "cost_model_batch_1": ("edd_cost_model", many_prompts(16)[:1], 16, {})}
-FIXED_K = ["edd", "edd_speculative_vocab"]
-EARLY_STOP = ["edd_early_stop_trees", "edd_early_stop_feedback"]
+FIXED_K = ["edd", pytest.param("edd_speculative_vocab", marks=pytest.mark.slow)]
+EARLY_STOP = [pytest.param("edd_early_stop_trees", marks=pytest.mark.slow), "edd_early_stop_feedback"]
 
 
 def _plain(tiny_plain_outputs, name) -> list[list[int]]:
@@ -68,13 +68,20 @@ def _plain(tiny_plain_outputs, name) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def v2_runs(tiny_target, drafters):
+    """name -> the result of V2 run `name` (a `generate_under_v2` row), each run once when a test first asks
+    for it (runs of deselected tests cost nothing), all in one spawned process that enables V2."""
     from tests.vllm.v2_cpu import generate_under_v2
 
-    runs = [(tiny_target, prompts, drafters[d][0], max_tokens, options)
-            for d, prompts, max_tokens, options in V2_RUNS.values()]
+    done = {}
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        results = pool.apply(generate_under_v2, (runs,))
-    return dict(zip(V2_RUNS, results))
+        def result(name: str) -> tuple:
+            if name not in done:
+                d, prompts, max_tokens, options = V2_RUNS[name]
+                [done[name]] = pool.apply(generate_under_v2,
+                                          ([(tiny_target, prompts, drafters[d][0], max_tokens, options)],))
+            return done[name]
+
+        yield result
 
 
 def assert_same_draft_steps(v2_drafts: list[list[int]], v1_drafts: list[list[int]], k: int | None) -> None:
@@ -117,7 +124,7 @@ def _assert_drafts_like_v1(name, v2_runs, drafters, tiny_target, monkeypatch, k,
     """V2's run `name` drafted what V1 drafts with the same drafter, prompts and engine options: the same
     draft tokens at every drafter call, the same number of drafted and accepted tokens at every position.
     drafted=False: a run in which neither runner's drafter reaches its LM head (every step skipped)."""
-    res, drafts, *_ = v2_runs[name]
+    res, drafts, *_ = v2_runs(name)
     d, prompts, max_tokens, options = V2_RUNS[name]
     spec, env = drafters[d]
     v1, v1_drafts = _v1_run(tiny_target, prompts, max_tokens, spec, env, monkeypatch, options)
@@ -134,7 +141,7 @@ def _assert_drafts_like_v1(name, v2_runs, drafters, tiny_target, monkeypatch, k,
 @pytest.mark.parametrize("name", FIXED_K)
 def test_v2_runner_drafts_like_v1_and_equals_plain(name, tiny_target, tiny_plain_outputs, drafters, v2_runs,
                                                     monkeypatch):
-    res, drafts, runner_mro, speculator, drafter, stats = v2_runs[name]
+    res, drafts, runner_mro, speculator, drafter, stats = v2_runs(name)
     _assert_v2_path(runner_mro, speculator, drafter)
     assert_same_tokens(_plain(tiny_plain_outputs, name), res.token_ids)
     k = drafters[name][0]["num_speculative_tokens"]
@@ -146,7 +153,7 @@ def test_v2_runner_drafts_like_v1_and_equals_plain(name, tiny_target, tiny_plain
 @pytest.mark.parametrize("name", EARLY_STOP)
 def test_v2_runner_early_stop_keeps_v1s_lengths_and_equals_plain(name, tiny_target, tiny_plain_outputs, drafters,
                                                                  v2_runs, monkeypatch):
-    res, drafts, runner_mro, speculator, drafter, stats = v2_runs[name]
+    res, drafts, runner_mro, speculator, drafter, stats = v2_runs(name)
     _assert_v2_path(runner_mro, speculator, drafter)
     assert_same_tokens(_plain(tiny_plain_outputs, name), res.token_ids)
     k = drafters[name][0]["num_speculative_tokens"]
@@ -162,8 +169,8 @@ def test_v2_runner_early_stop_keeps_v1s_lengths_and_equals_plain(name, tiny_targ
 
 def test_v2_runner_skips_drafting_where_the_cost_model_says_it_does_not_pay(tiny_target, tiny_plain_outputs,
                                                                            drafters, v2_runs, monkeypatch):
-    big, *_, big_stats = v2_runs["cost_model_batch_16"]
-    one, *_, one_stats = v2_runs["cost_model_batch_1"]
+    big, *_, big_stats = v2_runs("cost_model_batch_16")
+    one, *_, one_stats = v2_runs("cost_model_batch_1")
     assert_same_tokens(_plain(tiny_plain_outputs, "cost_model_batch_16"), big.token_ids)
     assert_same_tokens(_plain(tiny_plain_outputs, "cost_model_batch_1"), one.token_ids)
     # batch 1: drafts on most decode steps; 16 in flight: no step drafts, and the decode steps skip the
