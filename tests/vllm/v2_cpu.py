@@ -41,7 +41,7 @@ def enable_v2_runner() -> None:
 
 def generate_under_v2(runs: list[tuple]):
     """In a fresh process: one engine per (target, prompts, speculative config, max_tokens[, make_llm
-    options[, environment]]) under the V2 runner. -> [(RunResult, drafts, the runner's classes (MRO),
+    options]) under the V2 runner. -> [(RunResult, drafts, the runner's classes (MRO),
     speculator class, drafter class, the drafter's early-stop statistics or None)]: drafts as
     `vllm_specx.testing.recording_drafts` records them, classes as dotted paths."""
     enable_v2_runner()
@@ -49,10 +49,7 @@ def generate_under_v2(runs: list[tuple]):
 
     out = []
     for target, prompts, spec, max_tokens, *options in runs:
-        llm_kwargs, env = (list(options) + [{}, {}])[:2]
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        llm = make_llm(target, spec, **llm_kwargs)
+        llm = make_llm(target, spec, **(options[0] if options else {}))
         try:
             runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
             speculator = getattr(runner, "speculator", None)
@@ -64,11 +61,6 @@ def generate_under_v2(runs: list[tuple]):
                         None if controller is None else dict(controller.stats)))
         finally:
             shutdown(llm)
-            for k, v in saved.items():
-                if v is None:
-                    del os.environ[k]
-                else:
-                    os.environ[k] = v
     return out
 
 
