@@ -510,3 +510,43 @@ def test_decision_model_stops_branches_below_runner_ups(deeper, branch_decision,
         assert branch_row[:2].tolist() == pytest.approx([0.6, 0.3], abs=1e-5)
     else:
         assert len(model.rows) == 2  # the chain's two steps only: the branch step was not scored
+
+
+def test_v2_step_is_settled_in_the_draft_block_from_v2s_own_token_rows(confidence_model):
+    """V2 runner: the lookup search reads V2's request-state rows (`V2TokenHistory`, rows in V2's own
+    order via idx_mapping); `_settle_v2` writes the chosen lookup chain into the [B, K] draft block, -1
+    past each request's length, and leaves the lengths for `take_draft_token_ids`, which cuts V2's
+    placeholder lists to them once."""
+    from types import SimpleNamespace
+
+    from vllm_specx.vllm_adapter.draft_length import V2TokenHistory, _settle_v2, _wrap_take
+
+    tokens, lengths = _lookup_batch()
+    states = torch.zeros(3, 32, dtype=torch.int32)  # batch row 0 ("a") is state row 2, row 1 ("b") state row 0
+    states[2], states[0] = torch.from_numpy(tokens[0]), torch.from_numpy(tokens[1])
+    req_states = SimpleNamespace(all_token_ids=SimpleNamespace(gpu=states), max_model_len=100,
+                                 total_len=SimpleNamespace(gpu=torch.tensor([6, 0, 12], dtype=torch.int32)))
+    history = V2TokenHistory(req_states)
+    rows, num_tokens = history.rows(torch.tensor([2, 0]))
+    assert num_tokens.tolist() == [12, 6] and rows[0, :12].tolist() == tokens[0, :12].tolist()
+
+    ctl = _lookup_controller(confidence_model)
+    ctl.feedback(["a", "b"], [1, 1])
+    ctl.lookup.find(["a", "b"], rows, num_tokens, None, k=4, max_model_len=history.max_model_len)
+    ctl.begin(armed=True)
+    hidden = torch.randn(2, 8)
+    ctl.observe(hidden, _logits([0.2, 0.95]))  # "a": the drafter is unsure; "b" keeps its depth-0 token
+    with pytest.raises(_AllStopped) as stop:
+        ctl.observe(hidden, _logits([0.2, 0.1]))
+    drafts = torch.full((2, 4), 99, dtype=torch.long)
+    drafts[:, :2] = stop.value.tokens
+    drafts[:, 2:] = -1
+    settled = _settle_v2(ctl, ["a", "b"], drafts)
+    n = ctl.settled[0]
+    assert n >= 2 and settled[0, :n].tolist() == [7, 8, 9, 5][:n] and (settled[0, n:] == -1).all()
+    assert ctl.settled[1] == 1 and settled[1, 0] == stop.value.tokens[1, 0] and (settled[1, 1:] == -1).all()
+
+    runner = SimpleNamespace(speculator=SimpleNamespace(model=SimpleNamespace(draft_length=ctl)))
+    take = _wrap_take(lambda self: SimpleNamespace(req_ids=["a", "b"], draft_token_ids=[[-1] * 4, [-1] * 4]))
+    assert [len(ids) for ids in take(runner).draft_token_ids] == [n, 1]
+    assert [len(ids) for ids in take(runner).draft_token_ids] == [4, 4]  # used once: never stale

@@ -60,12 +60,12 @@ def test_bundled_edd_equals_plain_on_smollm2_60_prompts(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="runs the V2 runner on CPU; on a GPU it is the default")
-def test_bundled_edd_under_the_v2_runner_drafts_like_v1_on_smollm2(monkeypatch):
+def test_bundled_edd_under_the_v2_runner_drafts_like_v1_on_smollm2():
     """The GPU build's default V2 model runner (run on CPU, tests/vllm/v2_cpu.py) with the trained drafter:
     output equal to plain decoding on 24 Spec-Bench prompts (4 per category), and every draft step the same
     tokens as under the V1 runner with the same early stop (decision model, this machine's cost model,
-    online feedback; the prompt-lookup chains the drafter ships are V1's, so the V1 reference runs without
-    them), the same number of drafts, draft tokens and accepted tokens. Fewer prompts than the V1 test:
+    online feedback, the prompt-lookup chains the drafter ships), the same number of drafts, draft tokens
+    and accepted tokens. Fewer prompts than the V1 test:
     V2's rejection sampler runs vocabulary-wide Triton kernels, slow in the interpreter."""
     import multiprocessing
 
@@ -85,20 +85,19 @@ def test_bundled_edd_under_the_v2_runner_drafts_like_v1_on_smollm2(monkeypatch):
         plain = generate(llm, prompts, max_tokens=64)
     finally:
         shutdown(llm)
-    monkeypatch.setenv("SPECX_LOOKUP", "0")
     llm = make_llm(target, spec, **opts)
     try:
         with recording_drafts() as v1_drafts:
             v1 = generate(llm, prompts, max_tokens=64)
     finally:
         shutdown(llm)
-    monkeypatch.delenv("SPECX_LOOKUP")
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         [(v2, v2_drafts, runner_mro, *_, stats)] = pool.apply(generate_under_v2,
                                                               ([(target, prompts, spec, 64, opts)],))
     assert "vllm.v1.worker.gpu.model_runner.GPUModelRunner" in runner_mro
     assert_same_tokens(plain.token_ids, v2.token_ids)
     assert stats is not None and stats["steps"] > 0  # V2 ran specx's early stop
+    assert stats["lookup"]["chosen"] > 0  # and verified prompt-lookup chains
     assert_same_draft_steps(v2_drafts, v1_drafts, None)
     m1, m2 = v1.metrics, v2.metrics
     assert (m2.num_drafts, m2.num_draft_tokens, m2.num_accepted_tokens) == (

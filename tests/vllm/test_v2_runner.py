@@ -5,8 +5,9 @@ proposer: these tests check that it is really that code path, that greedy output
 and that V2 drafts exactly what V1 drafts with the same drafter (the same tokens accepted at every draft
 position over the batch), i.e. V2 hands the drafter the same hidden states, positions, tokens and shared
 embedding / LM head. Under V2 specx's early stop works on chains (per-request lengths, online feedback
-from the target, steps skipped where the cost model says drafting does not pay): the same lengths and
-tokens as under V1. PCT trees and lookup chains are V1's: a drafter that ships them drafts chains there.
+from the target, steps skipped where the cost model says drafting does not pay, prompt-lookup chains
+found in V2's token history): the same lengths and tokens as under V1. PCT trees are V1's: a drafter
+that ships them drafts chains there.
 """
 
 import multiprocessing
@@ -16,6 +17,8 @@ import torch
 
 from tests.conftest import PROMPTS, many_prompts
 from tests.vllm.test_early_stop import _drafter_that_stops_paying_above_batch_8, edd_always_confident  # noqa: F401
+from tests.vllm.test_lookup import K as LOOKUP_K
+from tests.vllm.test_lookup import edd_with_lookup  # noqa: F401
 from tests.vllm.test_vocab_modes import _drafter_with_vocab
 from tests.vllm.trees import K as TREE_K
 from vllm_specx.testing import assert_same_tokens, recording_drafts, run_generate
@@ -32,7 +35,7 @@ def _spec(drafter: str, k: int = K) -> dict:
 
 
 @pytest.fixture(scope="module")
-def drafters(tiny_edd_drafter, edd_tree_drafter, edd_always_confident, tmp_path_factory):
+def drafters(tiny_edd_drafter, edd_tree_drafter, edd_always_confident, edd_with_lookup, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("v2")
     vocab = _drafter_with_vocab(tiny_edd_drafter, tmp, "speculative", num_candidates=64, rank=4)
     return {"edd": (_spec(tiny_edd_drafter), {}),
@@ -43,7 +46,9 @@ def drafters(tiny_edd_drafter, edd_tree_drafter, edd_always_confident, tmp_path_
             # the target rejects the random drafter, online feedback shortens each request on its own
             "edd_early_stop_feedback": (_spec(edd_always_confident[True], 5), {}),
             # cost model under which drafting pays up to batch 8 only: skipped steps, skipped forwards
-            "edd_cost_model": (_drafter_that_stops_paying_above_batch_8(edd_always_confident, tmp), {})}
+            "edd_cost_model": (_drafter_that_stops_paying_above_batch_8(edd_always_confident, tmp), {}),
+            # a depth-0 decision model (the drafter keeps one token) + prompt-lookup chains, shipped enabled
+            "edd_lookup": (_spec(edd_with_lookup, LOOKUP_K), {})}
 
 
 # (drafter, prompts, max_tokens, engine options). Small runs: the interpreted V2 kernels run one program
@@ -54,7 +59,8 @@ V2_RUNS = {"edd": ("edd", PROMPTS, MAX_TOKENS, {}),
            "edd_early_stop_trees": ("edd_early_stop_trees", PROMPTS, 24, {}),
            "edd_early_stop_feedback": ("edd_early_stop_feedback", PROMPTS, MAX_TOKENS, {}),
            "cost_model_batch_16": ("edd_cost_model", many_prompts(16), 16, {"max_num_seqs": 16}),
-           "cost_model_batch_1": ("edd_cost_model", many_prompts(16)[:1], 16, {})}
+           "cost_model_batch_1": ("edd_cost_model", many_prompts(16)[:1], 16, {}),
+           "edd_lookup": ("edd_lookup", many_prompts(16), 24, {})}
 FIXED_K = ["edd", pytest.param("edd_speculative_vocab", marks=pytest.mark.slow)]
 EARLY_STOP = [pytest.param("edd_early_stop_trees", marks=pytest.mark.slow), "edd_early_stop_feedback"]
 
@@ -180,3 +186,18 @@ def test_v2_runner_skips_drafting_where_the_cost_model_says_it_does_not_pay(tiny
     assert big_stats["skipped_steps"] >= 15 and big_stats.get("forward_skipped", 0) >= 14, big_stats
     _assert_drafts_like_v1("cost_model_batch_16", v2_runs, drafters, tiny_target, monkeypatch, None, drafted=False)
     _assert_drafts_like_v1("cost_model_batch_1", v2_runs, drafters, tiny_target, monkeypatch, None)
+
+
+def test_v2_runner_verifies_prompt_lookup_chains_like_v1(tiny_target, tiny_plain_outputs, drafters, v2_runs,
+                                                        monkeypatch):
+    """Lookup chains under V2: searched in V2's own token history (`V2TokenHistory`), written into its
+    [B, K] draft block where they win, verified: the same draft counts and accepted tokens per position
+    as V1 with the same drafter (which reads V1's CPU token ids), and plain decoding's output."""
+    res, drafts, runner_mro, speculator, drafter, stats = v2_runs("edd_lookup")
+    _assert_v2_path(runner_mro, speculator, drafter)
+    assert_same_tokens(_plain(tiny_plain_outputs, "edd_lookup"), res.token_ids)
+    m = res.metrics
+    # the drafter keeps one token a step: deeper drafts and accepted tokens past depth 0 are lookup chains'
+    assert stats["lookup"]["chosen"] > 0 and m.num_draft_tokens > m.num_drafts, (stats, m)
+    assert sum(m.accepted_per_pos[1:]) > 5, m
+    _assert_drafts_like_v1("edd_lookup", v2_runs, drafters, tiny_target, monkeypatch, None)

@@ -58,10 +58,16 @@ def generate_under_v2(runs: list[tuple]):
             controller = getattr(getattr(speculator, "model", None), "draft_length", None)
             out.append((res, drafts, [_path(c) for c in type(runner).__mro__], _path(type(speculator)),
                         _path(type(getattr(speculator, "model", None))),
-                        None if controller is None else dict(controller.stats)))
+                        None if controller is None else _controller_stats(controller)))
         finally:
             shutdown(llm)
     return out
+
+
+def _controller_stats(controller) -> dict:
+    """The early-stop controller's statistics, with its lookup candidates' under "lookup" (if any)."""
+    lookup = getattr(controller, "lookup", None)
+    return dict(controller.stats, **({"lookup": dict(lookup.stats)} if lookup is not None else {}))
 
 
 def _path(cls) -> str:

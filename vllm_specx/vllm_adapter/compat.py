@@ -138,7 +138,8 @@ INTERNALS: tuple[Internal, ...] = (
              "and compute_logits per draft step, feeding the second output back", is_class=True,
              members=("propose", "_run_model", "_prefill"), runner="v2"),
     Internal("vllm.v1.worker.gpu.spec_decode.target_dependent_ar.speculator:TargetDependentARSpeculator.propose",
-             "V2 early stop wraps it: input_batch (num_reqs, req_ids: the batch's rows), num_sampled [B] (tokens "
+             "V2 early stop wraps it: input_batch (num_reqs, req_ids: the batch's rows, idx_mapping [B]: their "
+             "rows in the runner's request states, for the lookup search), num_sampled [B] (tokens "
              "just emitted per request: feedback), num_speculative_tokens; returns self.draft_tokens[:B] "
              "([B, K], greedy argmax of compute_logits per step when self.draft_logits is None and not "
              "self.use_local_argmax_reduction); a step that stops early returns it with -1 past its last draft",
@@ -148,6 +149,13 @@ INTERNALS: tuple[Internal, ...] = (
              "V2 early stop wraps it to cut each request's (placeholder) draft list to its own length: the "
              "scheduler then schedules n drafts and the runner verifies the first n of its [B, K] block",
              params=("self",), runner="v2"),
+    Internal("vllm.v1.worker.gpu.model_runner:GPUModelRunner.sample_tokens",
+             "V2 lookup chains wrap it to hand the controller the runner's token history (self.speculator, "
+             "self.req_states) before the step drafts", params=("self",), runner="v2"),
+    Internal("vllm.v1.worker.gpu.states:RequestState.__init__",
+             "V2 lookup chains read all_token_ids.gpu [max_reqs, max_model_len] (int32; this step's sampled "
+             "tokens written by post_update before the speculator runs), total_len.gpu [max_reqs], max_model_len",
+             params=("self", "max_num_reqs", "max_model_len"), runner="v2"),
     Internal("vllm.config.scheduler:SchedulerConfig",
              "early stop needs synchronous scheduling (async: K placeholders per request are verified)",
              is_class=True, fields=("async_scheduling",)),

@@ -1,4 +1,4 @@
-"""Per-request draft length in vLLM's chain drafting (MCSD early stop); V1 runner, sync scheduling.
+"""Per-request draft length in vLLM's chain drafting (MCSD early stop); V1 and V2 runners, sync scheduling.
 
 How it plugs in (each vLLM internal is declared in `compat.INTERNALS`):
   1. vLLM's EAGLE proposer calls the drafter's `compute_logits` exactly once per draft step with the
@@ -24,6 +24,10 @@ How it plugs in (each vLLM internal is declared in `compat.INTERNALS`):
      The decision model also reads each expanded runner-up's draft step (`branch_decision`): its
      estimate that the best child is accepted replaces that child's draft confidence
      (`core.early_stop.branch_child_probs`), so it stops a branch where the estimate does not pay.
+  7. Under vLLM's V2 runner (GPU default) the speculator's `propose` is wrapped instead of V1's proposer
+     (`_wrap_v2_propose`: feedback, lookup search over V2's token history, early exit, step skipping;
+     the step is settled there because V2 stores its [B, K] draft block right after), and V2's
+     `take_draft_token_ids` cuts each request's placeholder list to the settled length. Chains only.
 Lossless: stopping only removes proposals; the target verifies whatever remains. Greedy draft
 sampling only: when vLLM samples drafts probabilistically (draft probabilities kept for rejection
 sampling) the step runs at fixed K so that probabilities and tokens stay aligned.
@@ -77,6 +81,8 @@ class ChainStopController:
     branch_decision: bool = True  # PCT: the decision model estimates the expanded children (False: draft confidence)
     sibling_threshold_for_batch: callable | None = None  # default: threshold_for_batch
     lookup: LookupCandidates | None = None  # prompt-lookup chains competing with the drafter's
+    token_history: V2TokenHistory | None = None  # V2 runner: where the lookup search reads each request's tokens
+    settled: list[int] | None = None  # V2 runner: the lengths of the step just drafted, for take_draft_token_ids
     # Steps that do not pay (cost model / payoff, not lookup preemption) also skip the drafter's forward
     # when every request is decoding: faster at large batches, but the drafter's KV cache then has holes
     # at those positions, which can only make its later drafts worse (never the output: lossless).
@@ -611,8 +617,11 @@ def _wrap_v2_propose(orig):
     """V2 runner (`TargetDependentARSpeculator.propose`): the same protocol as `_wrap_propose`, where V2
     keeps its drafts: a [B, K] block (`self.draft_tokens`) that the runner copies into its request states
     and reads the first n of when the scheduler schedules n drafts for a request. Feedback comes here
-    too (V2 hands the speculator num_sampled [B], rows in input_batch.req_ids order). A step that ends
-    early or is skipped fills the columns nobody will verify with -1, as V2 itself does for a smaller K."""
+    too (V2 hands the speculator num_sampled [B], rows in input_batch.req_ids order), and so does the
+    prompt-lookup search (V2's token history: `V2TokenHistory`). The step is settled here, not in
+    `take_draft_token_ids` as under V1, because V2 stores the block right after this returns: each
+    request's length is decided, its lookup chain (if chosen) written into its row, and the columns
+    nobody will verify set to -1, as V2 itself does for a smaller K."""
 
     @functools.wraps(orig)
     def propose(self, input_batch, *args, **kwargs):
@@ -620,36 +629,110 @@ def _wrap_v2_propose(orig):
         if ctl is None or kwargs.get("dummy_run", False):
             return orig(self, input_batch, *args, **kwargs)
         b = input_batch.num_reqs
+        req_ids = list(input_batch.req_ids[:b])
+        ctl.settled = None  # set again below if this step is armed
         num_sampled = kwargs.get("num_sampled", args[4] if len(args) > 4 else None)  # [B] on the device
-        ctl.feedback(list(input_batch.req_ids[:b]), num_sampled[:b].tolist())
+        ctl.feedback(req_ids, num_sampled[:b].tolist())
         k = kwargs.get("num_speculative_tokens") or self.num_speculative_steps
         # Greedy drafts through compute_logits only (not gumbel-sampled ones, nor the TP-local argmax
         # that bypasses compute_logits): the controller's tokens are then exactly V2's.
         greedy_drafts = self.draft_logits is None and not self.use_local_argmax_reduction
+        if greedy_drafts and ctl.lookup is not None and ctl.token_history is not None:
+            tokens, num_tokens = ctl.token_history.rows(input_batch.idx_mapping[:b])
+            ctl.lookup.find(req_ids, tokens, num_tokens, None, min(ctl.policy.max_k, k),
+                            ctl.token_history.max_model_len, threshold=float(ctl.threshold_for_batch(b)))
         ctl.begin(armed=greedy_drafts and k > 1)
         drafts = self.draft_tokens[:b]  # [B, K]
         if greedy_drafts and ctl.skip_step(b) and ctl.forward_skipped():
-            return drafts.fill_(-1)
+            return _settle_v2(ctl, req_ids, drafts.fill_(-1))
         try:
-            return orig(self, input_batch, *args, **kwargs)
+            drafts = orig(self, input_batch, *args, **kwargs)
         except _AllStopped as stop:
             d = stop.tokens.shape[1]
             drafts[:, :d] = stop.tokens.to(drafts)
             drafts[:, d:] = -1
-            return drafts
         finally:
             ctl.forward_ran()
+        return _settle_v2(ctl, req_ids, drafts)
 
     propose.__specx_wrapped__ = True
     return propose
+
+
+def _settle_v2(ctl: ChainStopController, req_ids: list[str], drafts: torch.Tensor) -> torch.Tensor:
+    """V2: this step's per-request lengths (`finish`), lookup chains where they win (`lookup_chains`)
+    written into their rows of drafts [B, K], -1 past each request's length. The lengths wait in
+    `ctl.settled` for `take_draft_token_ids`. Not armed (sampled drafts): the block stays at fixed K."""
+    lengths = ctl.finish()
+    if lengths is None:
+        return drafts
+    b, k = drafts.shape
+    chains = ctl.lookup_chains(req_ids)
+    rows = [(i, c) for i, c in enumerate(chains) if c is not None]
+    if rows:
+        chosen, chain_tokens = torch.zeros(b, dtype=torch.bool), torch.full((b, k), -1, dtype=drafts.dtype)
+        for i, chain in rows:  # chains are at most K long (`find` was given K)
+            chosen[i], chain_tokens[i, : len(chain)], lengths[i] = True, torch.tensor(chain), len(chain)
+        drafts.copy_(torch.where(chosen[:, None].to(drafts.device), chain_tokens.to(drafts.device), drafts))
+    length = torch.tensor(lengths, device=drafts.device)
+    drafts.masked_fill_(torch.arange(k, device=drafts.device)[None, :] >= length[:, None], -1)
+    ctl.settled = lengths
+    return drafts
+
+
+class V2TokenHistory:
+    """Each V2 request's tokens (prompt + output so far, with this step's sampled tokens: V2's
+    post_update writes them before the speculator runs), read for the prompt-lookup search. V2 keeps
+    them in `RequestState.all_token_ids` [max_reqs, max_model_len] (UVA or device memory, int32) with
+    `total_len` [max_reqs]; a row is copied to the host only when the search reads it."""
+
+    def __init__(self, req_states):
+        self.all_token_ids = req_states.all_token_ids.gpu
+        self.total_len = req_states.total_len.gpu
+        self.max_model_len = int(req_states.max_model_len)
+
+    def rows(self, idx_mapping: torch.Tensor) -> tuple[_HistoryRows, np.ndarray]:
+        """(rows indexable as tokens[i, :n] -> numpy, num_tokens [B]) for the batch's rows."""
+        return _HistoryRows(self.all_token_ids, idx_mapping), self.total_len[idx_mapping].cpu().numpy()
+
+
+class _HistoryRows:
+    def __init__(self, all_token_ids: torch.Tensor, idx_mapping: torch.Tensor):
+        self.all_token_ids, self.idx = all_token_ids, idx_mapping.tolist()
+
+    def __getitem__(self, key: tuple[int, slice]) -> np.ndarray:
+        row, cols = key
+        return self.all_token_ids[self.idx[row], cols].cpu().numpy()
+
+
+def _wrap_v2_sample_tokens(orig):
+    """V2 runner: hands the speculator's controller the runner's token history (for the lookup search)
+    before the step's sampling and drafting; V2's speculator itself has no reference to it."""
+
+    @functools.wraps(orig)
+    def sample_tokens(self, *args, **kwargs):
+        ctl = _controller_of(self.speculator)
+        if ctl is not None and ctl.lookup is not None and ctl.token_history is None:
+            ctl.token_history = V2TokenHistory(self.req_states)
+        return orig(self, *args, **kwargs)
+
+    sample_tokens.__specx_wrapped__ = True
+    return sample_tokens
 
 
 def _wrap_take(orig):
     @functools.wraps(orig)
     def take_draft_token_ids(self):
         out = orig(self)
-        # V1 runner: its proposer is `drafter`; V2 runner: `speculator` (no trees or lookup chains there)
-        ctl = _controller_of(getattr(self, "drafter", None) or getattr(self, "speculator", None))
+        if not hasattr(self, "drafter"):  # V2 runner: its speculator's wrapper settled the step
+            ctl = _controller_of(getattr(self, "speculator", None))
+            if ctl is None:
+                return out
+            lengths, ctl.settled = ctl.settled, None  # one use: never stale
+            if out is not None and lengths is not None and len(lengths) == len(out.draft_token_ids):
+                out.draft_token_ids = [list(ids[:n]) for ids, n in zip(out.draft_token_ids, lengths)]
+            return out
+        ctl = _controller_of(self.drafter)
         lengths = ctl.finish() if ctl is not None else None
         if out is None or lengths is None or len(lengths) != len(out.draft_token_ids):
             return out
@@ -720,6 +803,8 @@ def install_runner_hooks(runner: str = "v1") -> None:
             TargetDependentARSpeculator.propose = _wrap_v2_propose(TargetDependentARSpeculator.propose)
         if not getattr(V2Runner.take_draft_token_ids, "__specx_wrapped__", False):
             V2Runner.take_draft_token_ids = _wrap_take(V2Runner.take_draft_token_ids)
+        if not getattr(V2Runner.sample_tokens, "__specx_wrapped__", False):
+            V2Runner.sample_tokens = _wrap_v2_sample_tokens(V2Runner.sample_tokens)
         return
     from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner

@@ -320,7 +320,7 @@ class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
 def _draft_length_controller(vllm_config, runner: str, specx, vocab_mode: str):
     """specx_config.json `early_stop` -> controller + runner hooks; None (fixed K) when absent, switched
     off with SPECX_EARLY_STOP=0, or where per-request lengths cannot be honoured (`early_stop_problem`).
-    Under the V2 runner: chains with early stop and step skipping; PCT trees and lookup chains are V1's."""
+    Under the V2 runner: chains with early stop, step skipping and lookup chains; PCT trees are V1's."""
     from vllm.logger import init_logger
 
     if os.environ.get("SPECX_EARLY_STOP", "1") == "0":
@@ -339,12 +339,11 @@ def _draft_length_controller(vllm_config, runner: str, specx, vocab_mode: str):
     tree = tree_settings(specx.tree, branches_verifiable=trees_verifiable(
         getattr(speculative_config, "target_parallel_config", None)))
     lookup = lookup_settings(specx.lookup)
-    if runner == "v2" and (tree or lookup):
+    if runner == "v2" and tree:
         init_logger(__name__).warning(
-            "vllm-specx: under vLLM's V2 model runner the drafter drafts chains with early stop; its %s "
-            "need the V1 runner (VLLM_USE_V2_MODEL_RUNNER=0).",
-            " and ".join(n for n, on in (("PCT trees", tree), ("prompt-lookup candidates", lookup)) if on))
-        tree, lookup = None, None
+            "vllm-specx: under vLLM's V2 model runner the drafter drafts chains (early stop%s); its PCT "
+            "trees need the V1 runner (VLLM_USE_V2_MODEL_RUNNER=0).", " and prompt-lookup chains" if lookup else "")
+        tree = None
     controller = load_controller(folder, specx.early_stop, speculative_config.num_speculative_tokens, tree,
                                  vocab_mode, lookup)
     if controller is not None:
