@@ -60,7 +60,10 @@ V2_RUNS = {"edd": ("edd", PROMPTS, MAX_TOKENS, {}),
            "edd_early_stop_feedback": ("edd_early_stop_feedback", PROMPTS, MAX_TOKENS, {}),
            "cost_model_batch_16": ("edd_cost_model", many_prompts(16), 16, {"max_num_seqs": 16}),
            "cost_model_batch_1": ("edd_cost_model", many_prompts(16)[:1], 16, {}),
-           "edd_lookup": ("edd_lookup", many_prompts(16), 24, {})}
+           "edd_lookup": ("edd_lookup", many_prompts(16), 24, {}),
+           # 64 prompts in one batch (plain decoding's "many" reference: 64 prompts, 32 tokens)
+           "edd_fixed_k_64": ("edd", many_prompts(64), 32, {}),
+           "edd_lookup_64": ("edd_lookup", many_prompts(64), 32, {})}
 FIXED_K = ["edd", pytest.param("edd_speculative_vocab", marks=pytest.mark.slow)]
 EARLY_STOP = [pytest.param("edd_early_stop_trees", marks=pytest.mark.slow), "edd_early_stop_feedback"]
 
@@ -201,3 +204,20 @@ def test_v2_runner_verifies_prompt_lookup_chains_like_v1(tiny_target, tiny_plain
     assert stats["lookup"]["chosen"] > 0 and m.num_draft_tokens > m.num_drafts, (stats, m)
     assert sum(m.accepted_per_pos[1:]) > 5, m
     _assert_drafts_like_v1("edd_lookup", v2_runs, drafters, tiny_target, monkeypatch, None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["edd_fixed_k_64", "edd_lookup_64"])
+def test_v2_runner_equals_plain_on_64_prompts_in_one_batch(name, tiny_target, tiny_plain_outputs, drafters, v2_runs,
+                                                           monkeypatch):
+    """At least 50 prompts under V2 (the issue's bar for greedy equality), all in flight together: the
+    drafter at fixed K, and with early stop + lookup chains (V2's history rows of 64 requests)."""
+    res, drafts, runner_mro, speculator, drafter, stats = v2_runs(name)
+    _assert_v2_path(runner_mro, speculator, drafter)
+    assert len(res.token_ids) == 64
+    assert_same_tokens(_plain(tiny_plain_outputs, name), res.token_ids)
+    assert res.metrics.num_drafts > 0
+    if name == "edd_lookup_64":
+        assert stats["lookup"]["chosen"] > 0 and sum(res.metrics.accepted_per_pos[1:]) > 0, (stats, res.metrics)
+    k = drafters[V2_RUNS[name][0]][0]["num_speculative_tokens"]
+    _assert_drafts_like_v1(name, v2_runs, drafters, tiny_target, monkeypatch, k if stats is None else None)
