@@ -799,19 +799,19 @@ def install_runner_hooks(runner: str = "v1") -> None:
         from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
         from vllm.v1.worker.gpu.spec_decode.target_dependent_ar.speculator import TargetDependentARSpeculator
 
-        if not getattr(TargetDependentARSpeculator.propose, "__specx_wrapped__", False):
-            TargetDependentARSpeculator.propose = _wrap_v2_propose(TargetDependentARSpeculator.propose)
-        if not getattr(V2Runner.take_draft_token_ids, "__specx_wrapped__", False):
-            V2Runner.take_draft_token_ids = _wrap_take(V2Runner.take_draft_token_ids)
-        if not getattr(V2Runner.sample_tokens, "__specx_wrapped__", False):
-            V2Runner.sample_tokens = _wrap_v2_sample_tokens(V2Runner.sample_tokens)
+        _wrap_once(TargetDependentARSpeculator, "propose", _wrap_v2_propose)
+        _wrap_once(V2Runner, "take_draft_token_ids", _wrap_take)
+        _wrap_once(V2Runner, "sample_tokens", _wrap_v2_sample_tokens)
         return
     from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    if not getattr(SpecDecodeBaseProposer.propose, "__specx_wrapped__", False):
-        SpecDecodeBaseProposer.propose = _wrap_propose(SpecDecodeBaseProposer.propose)
-    if not getattr(GPUModelRunner.take_draft_token_ids, "__specx_wrapped__", False):
-        GPUModelRunner.take_draft_token_ids = _wrap_take(GPUModelRunner.take_draft_token_ids)
-    if not getattr(GPUModelRunner.propose_draft_token_ids, "__specx_wrapped__", False):
-        GPUModelRunner.propose_draft_token_ids = _wrap_propose_draft_token_ids(GPUModelRunner.propose_draft_token_ids)
+    _wrap_once(SpecDecodeBaseProposer, "propose", _wrap_propose)
+    _wrap_once(GPUModelRunner, "take_draft_token_ids", _wrap_take)
+    _wrap_once(GPUModelRunner, "propose_draft_token_ids", _wrap_propose_draft_token_ids)
+
+
+def _wrap_once(owner: type, name: str, wrap) -> None:
+    """owner.name = wrap(owner.name), unless a specx wrapper is already there."""
+    if not getattr(getattr(owner, name), "__specx_wrapped__", False):
+        setattr(owner, name, wrap(getattr(owner, name)))
