@@ -114,11 +114,15 @@ def make_llm(model: str, speculative_config: dict | None = None, **kwargs: Any):
 
 
 def generate(llm, prompts: list, max_tokens: int = 64, temperature: float = 0.0, seed: int | None = 0,
-             ignore_eos: bool = False, **sampling: Any) -> RunResult:
+             ignore_eos: bool = False, seeds: list[int] | None = None, **sampling: Any) -> RunResult:
+    """seeds: one seed per prompt (instead of `seed` for all)."""
     from vllm import SamplingParams
 
-    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed, ignore_eos=ignore_eos,
-                            **sampling)
+    def params_for(s):
+        return SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=s, ignore_eos=ignore_eos,
+                              **sampling)
+
+    params = params_for(seed) if seeds is None else [params_for(s) for s in seeds]
     before = read_spec_metrics(llm)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)

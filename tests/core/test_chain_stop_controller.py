@@ -541,7 +541,7 @@ def test_v2_step_is_settled_in_the_draft_block_from_v2s_own_token_rows(confidenc
     drafts = torch.full((2, 4), 99, dtype=torch.long)
     drafts[:, :2] = stop.value.tokens
     drafts[:, 2:] = -1
-    settled = _settle_v2(ctl, ["a", "b"], drafts)
+    settled = _settle_v2(ctl, None, ["a", "b"], drafts)
     n = ctl.settled[0]
     assert n >= 2 and settled[0, :n].tolist() == [7, 8, 9, 5][:n] and (settled[0, n:] == -1).all()
     assert ctl.settled[1] == 1 and settled[1, 0] == stop.value.tokens[1, 0] and (settled[1, 1:] == -1).all()

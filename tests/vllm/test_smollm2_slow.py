@@ -58,16 +58,27 @@ def test_bundled_edd_equals_plain_on_smollm2_60_prompts(monkeypatch):
         assert res.metrics.num_accepted_tokens > 0.05 * res.metrics.num_drafts, (mode, res.metrics)
 
 
+# PCT trees where a verified node is cheap: the README's what-if node threshold (the cost model keeps no
+# runner-up on this CPU), runner-ups as leaves (V2 does not expand them)
+V2_PCT_ENV = {"SPECX_TREE": "1", "SPECX_NODE_THRESHOLD": "0.05", "SPECX_EXPAND_CHILDREN": "0"}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="runs the V2 runner on CPU; on a GPU it is the default")
-def test_bundled_edd_under_the_v2_runner_drafts_like_v1_on_smollm2():
+@pytest.mark.parametrize("mode", ["chains", "pct"])
+def test_bundled_edd_under_the_v2_runner_drafts_like_v1_on_smollm2(mode, monkeypatch):
     """The GPU build's default V2 model runner (run on CPU, tests/vllm/v2_cpu.py) with the trained drafter:
     output equal to plain decoding on 24 Spec-Bench prompts (4 per category), and every draft step the same
     tokens as under the V1 runner with the same early stop (decision model, this machine's cost model,
     online feedback, the prompt-lookup chains the drafter ships), the same number of drafts, draft tokens
-    and accepted tokens. Fewer prompts than the V1 test:
+    and accepted tokens. mode "pct": the same with PCT trees on (V2_PCT_ENV), verified as trees by both
+    runners. Fewer prompts than the V1 test:
     V2's rejection sampler runs vocabulary-wide Triton kernels, slow in the interpreter."""
     import multiprocessing
+
+    for k, v in (V2_PCT_ENV if mode == "pct" else {}).items():
+        monkeypatch.setenv(k, v)  # this process (V1) and the spawned V2 process
+    from vllm_specx.vllm_adapter import tree_step
 
     from tests.vllm.test_v2_runner import assert_same_draft_steps
     from tests.vllm.v2_cpu import generate_under_v2
@@ -86,11 +97,13 @@ def test_bundled_edd_under_the_v2_runner_drafts_like_v1_on_smollm2():
     finally:
         shutdown(llm)
     llm = make_llm(target, spec, **opts)
+    v1_trees = dict(tree_step.STATS)
     try:
         with recording_drafts() as v1_drafts:
             v1 = generate(llm, prompts, max_tokens=64)
     finally:
         shutdown(llm)
+    v1_trees = {k: v - v1_trees[k] for k, v in tree_step.STATS.items()}
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         [(v2, v2_drafts, runner_mro, *_, stats)] = pool.apply(generate_under_v2,
                                                               ([(target, prompts, spec, 64, opts)],))
@@ -103,3 +116,8 @@ def test_bundled_edd_under_the_v2_runner_drafts_like_v1_on_smollm2():
     assert (m2.num_drafts, m2.num_draft_tokens, m2.num_accepted_tokens) == (
         m1.num_drafts, m1.num_draft_tokens, m1.num_accepted_tokens)
     assert m2.num_draft_tokens < 5 * m2.num_drafts and m2.num_accepted_tokens > 0.05 * m2.num_drafts, m2
+    assert stats["trees"] == v1_trees  # the same tree requests, nodes verified and accepted
+    if mode == "pct":
+        assert stats["trees"]["tree_requests"] > 0 and stats["trees"]["nodes_accepted"] > 0, stats["trees"]
+    else:
+        assert stats["trees"]["tree_requests"] == 0

@@ -6,8 +6,9 @@ and that V2 drafts exactly what V1 drafts with the same drafter (the same tokens
 position over the batch), i.e. V2 hands the drafter the same hidden states, positions, tokens and shared
 embedding / LM head. Under V2 specx's early stop works on chains (per-request lengths, online feedback
 from the target, steps skipped where the cost model says drafting does not pay, prompt-lookup chains
-found in V2's token history): the same lengths and tokens as under V1. PCT trees are V1's: a drafter
-that ships them drafts chains there.
+found in V2's token history) and PCT trees (runner-ups as leaves; verified with tree attention, the
+greedy walk, the accepted path's KV move and the speculator's inputs permuted, inside V2's own input
+preparation, rejection sampler and speculator): the same lengths and tokens as under V1.
 """
 
 import multiprocessing
@@ -21,6 +22,7 @@ from tests.vllm.test_lookup import K as LOOKUP_K
 from tests.vllm.test_lookup import edd_with_lookup  # noqa: F401
 from tests.vllm.test_vocab_modes import _drafter_with_vocab
 from tests.vllm.trees import K as TREE_K
+from tests.vllm.trees import install_oracle, install_v2_oracle
 from vllm_specx.testing import assert_same_tokens, recording_drafts, run_generate
 
 # On a CUDA machine vLLM's default runner is V2 already, and this CPU stand-in does not apply.
@@ -40,8 +42,8 @@ def drafters(tiny_edd_drafter, edd_tree_drafter, edd_always_confident, edd_with_
     vocab = _drafter_with_vocab(tiny_edd_drafter, tmp, "speculative", num_candidates=64, rank=4)
     return {"edd": (_spec(tiny_edd_drafter), {}),
             "edd_speculative_vocab": (_spec(vocab), {}),
-            # ships early stop + PCT trees: V2 drafts chains with early stop; V1 reference with trees off
-            "edd_early_stop_trees": (_spec(edd_tree_drafter, TREE_K), {"SPECX_TREE": "0"}),
+            # ships early stop + PCT trees: V2 verifies them with runner-ups as leaves, so does this V1 reference
+            "edd_early_stop_trees": (_spec(edd_tree_drafter, TREE_K), {"SPECX_EXPAND_CHILDREN": "0"}),
             # early stop whose lengths vary per request and step: the decision model always says "accept",
             # the target rejects the random drafter, online feedback shortens each request on its own
             "edd_early_stop_feedback": (_spec(edd_always_confident[True], 5), {}),
@@ -57,6 +59,8 @@ def drafters(tiny_edd_drafter, edd_tree_drafter, edd_always_confident, edd_with_
 V2_RUNS = {"edd": ("edd", PROMPTS, MAX_TOKENS, {}),
            "edd_speculative_vocab": ("edd_speculative_vocab", PROMPTS, MAX_TOKENS, {}),
            "edd_early_stop_trees": ("edd_early_stop_trees", PROMPTS, 24, {}),
+           # trees replaced by oracle trees (tests/vllm/trees.py): wrong chain, the right tokens off it
+           "edd_oracle_trees": ("edd_early_stop_trees", many_prompts(16), 32, {"setup": "oracle"}),
            "edd_early_stop_feedback": ("edd_early_stop_feedback", PROMPTS, MAX_TOKENS, {}),
            "cost_model_batch_16": ("edd_cost_model", many_prompts(16), 16, {"max_num_seqs": 16}),
            "cost_model_batch_1": ("edd_cost_model", many_prompts(16)[:1], 16, {}),
@@ -65,7 +69,7 @@ V2_RUNS = {"edd": ("edd", PROMPTS, MAX_TOKENS, {}),
            "edd_fixed_k_64": ("edd", many_prompts(64), 32, {}),
            "edd_lookup_64": ("edd_lookup", many_prompts(64), 32, {})}
 FIXED_K = ["edd", pytest.param("edd_speculative_vocab", marks=pytest.mark.slow)]
-EARLY_STOP = [pytest.param("edd_early_stop_trees", marks=pytest.mark.slow), "edd_early_stop_feedback"]
+EARLY_STOP = ["edd_early_stop_feedback"]
 
 
 def _plain(tiny_plain_outputs, name) -> list[list[int]]:
@@ -76,7 +80,7 @@ def _plain(tiny_plain_outputs, name) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def v2_runs(tiny_target, drafters):
+def v2_runs(tiny_target, drafters, tiny_plain_outputs):
     """name -> the result of V2 run `name` (a `generate_under_v2` row), each run once when a test first asks
     for it (runs of deselected tests cost nothing), all in one spawned process that enables V2."""
     from tests.vllm.v2_cpu import generate_under_v2
@@ -86,6 +90,9 @@ def v2_runs(tiny_target, drafters):
         def result(name: str) -> tuple:
             if name not in done:
                 d, prompts, max_tokens, options = V2_RUNS[name]
+                if options.get("setup") == "oracle":
+                    plain = _plain(tiny_plain_outputs, name)
+                    options = dict(options, setup=(install_v2_oracle, (tiny_target, prompts, plain)))
                 [done[name]] = pool.apply(generate_under_v2,
                                           ([(tiny_target, prompts, drafters[d][0], max_tokens, options)],))
             return done[name]
@@ -135,6 +142,7 @@ def _assert_drafts_like_v1(name, v2_runs, drafters, tiny_target, monkeypatch, k,
     drafted=False: a run in which neither runner's drafter reaches its LM head (every step skipped)."""
     res, drafts, *_ = v2_runs(name)
     d, prompts, max_tokens, options = V2_RUNS[name]
+    options = {k: v for k, v in options.items() if k != "setup"}  # (V2's process only)
     spec, env = drafters[d]
     v1, v1_drafts = _v1_run(tiny_target, prompts, max_tokens, spec, env, monkeypatch, options)
     # The drafts depend on the target's hidden states: feeding V2's drafter its hidden states one row off
@@ -171,11 +179,46 @@ def test_v2_runner_early_stop_keeps_v1s_lengths_and_equals_plain(name, tiny_targ
     assert m.num_drafts > 0 and m.num_draft_tokens < k * m.num_drafts, m
     # (drafts kept for a request that finishes in the step being verified are never scheduled)
     assert stats is not None and stats["steps"] > 0 and stats["kept"] >= m.num_draft_tokens, stats
-    if name == "edd_early_stop_trees":  # the depth-0-only tree drafter: one chain token, never a tree
-        assert m.num_draft_tokens == m.num_drafts and m.accepted_per_pos[1:] == [0] * (k - 1)
     _assert_drafts_like_v1(name, v2_runs, drafters, tiny_target, monkeypatch, None)
 
 
+def test_v2_runner_verifies_pct_trees_like_v1(tiny_target, tiny_plain_outputs, drafters, v2_runs, monkeypatch):
+    """PCT trees under V2: the tree drafter keeps one chain token and two runner-ups beside it (sibling
+    threshold 0), written into V2's [B, K] draft block in BFS order and verified as trees: every draft
+    token is a tree node, output equals plain decoding, and the drafts, draft counts and accepted tokens
+    per position are V1's with the same trees."""
+    res, drafts, runner_mro, speculator, drafter, stats = v2_runs("edd_early_stop_trees")
+    _assert_v2_path(runner_mro, speculator, drafter)
+    assert_same_tokens(_plain(tiny_plain_outputs, "edd_early_stop_trees"), res.token_ids)
+    m, trees = res.metrics, stats["trees"]
+    assert trees["tree_steps"] > 0 and trees["tree_requests"] >= m.num_drafts > 0, (trees, m)
+    # every draft token is a tree node; a tree is the chain token + up to 2 runner-ups
+    assert trees["nodes_verified"] == m.num_draft_tokens and m.num_drafts < m.num_draft_tokens <= 3 * m.num_drafts, (
+        trees, m)
+    _assert_drafts_like_v1("edd_early_stop_trees", v2_runs, drafters, tiny_target, monkeypatch, None)
+
+
+def test_v2_runner_accepts_oracle_trees_side_branches_and_stays_lossless(tiny_target, tiny_plain_outputs, drafters,
+                                                                         v2_runs, monkeypatch):
+    """Oracle trees (chain tokens always wrong, plain decoding's next tokens on side branches: see
+    tests/vllm/trees.py) under V2, 16 requests in one batch: output equals plain decoding only if depth
+    positions, tree attention, the walk, num_sampled / num_rejected and the KV move of the off-chain path
+    are right; the acceptance counts prove the side branches landed. The drafter's proposals after each
+    off-chain path equal V1's under the same oracle only if V2's speculator got the accepted path's rows
+    first (its hidden states, tokens, positions)."""
+    res, drafts, runner_mro, speculator, drafter, stats = v2_runs("edd_oracle_trees")
+    _assert_v2_path(runner_mro, speculator, drafter)
+    _, prompts, _, _ = V2_RUNS["edd_oracle_trees"]
+    plain = _plain(tiny_plain_outputs, "edd_oracle_trees")
+    assert_same_tokens(plain, res.token_ids)
+    m, trees = res.metrics, stats["trees"]
+    assert trees["tree_requests"] > 0 and m.num_accepted_tokens >= 2.5 * m.num_drafts, (trees, m)
+    assert trees["nodes_accepted"] == m.num_accepted_tokens, (trees, m)
+    install_oracle(monkeypatch, tiny_target, prompts, plain)
+    _assert_drafts_like_v1("edd_oracle_trees", v2_runs, drafters, tiny_target, monkeypatch, None)
+
+
+@pytest.mark.slow  # ~1 min; the V1 runner's cost-model tests (test_early_stop.py) are in the default suite
 def test_v2_runner_skips_drafting_where_the_cost_model_says_it_does_not_pay(tiny_target, tiny_plain_outputs,
                                                                            drafters, v2_runs, monkeypatch):
     big, *_, big_stats = v2_runs("cost_model_batch_16")
@@ -221,3 +264,33 @@ def test_v2_runner_equals_plain_on_64_prompts_in_one_batch(name, tiny_target, ti
         assert stats["lookup"]["chosen"] > 0 and sum(res.metrics.accepted_per_pos[1:]) > 0, (stats, res.metrics)
     k = drafters[V2_RUNS[name][0]][0]["num_speculative_tokens"]
     _assert_drafts_like_v1(name, v2_runs, drafters, tiny_target, monkeypatch, k if stats is None else None)
+
+
+V2_SAMPLED_REQUESTS = 160  # V1's test sends 400; under V2's interpreted kernels 400 took over 15 min
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_v2_sampled_trees_keep_the_target_distribution(tiny_target, edd_tree_drafter, tiny_plain_outputs):
+    """Temperature sampling through trees under V2 (recursive rejection sampling over the oracle's
+    candidates, the greedy continuation and its runner-ups; V2's seeds): the tokens at output positions
+    1-3 follow plain sampling's distribution (V1, no drafter; chi-square homogeneity as in
+    tests/vllm/test_tree_stops.py, whose control shows the test detects the classic residual bug)."""
+    from tests.vllm.test_tree_stops import SAMPLED_REQUESTS, TEMPERATURE, _homogeneity_pvalue, _sampled_positions
+    from tests.vllm.v2_cpu import generate_under_v2
+
+    prompt = many_prompts(1)[0]
+    plain = _sampled_positions(tiny_target, None, prompt)  # V1, SAMPLED_REQUESTS (400) seeds
+    ref = tiny_plain_outputs["many"].token_ids[:1]
+    run = (tiny_target, [prompt] * V2_SAMPLED_REQUESTS, _spec(edd_tree_drafter, TREE_K), 4,
+           {"setup": (install_v2_oracle, (tiny_target, [prompt], ref)), "sampled": TEMPERATURE})
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        [(res, _, runner_mro, *_, stats)] = pool.apply(generate_under_v2, ([run],))
+    assert "vllm.v1.worker.gpu.model_runner.GPUModelRunner" in runner_mro
+    tree = res.token_ids
+    assert all(len(t) == 4 for t in tree)
+    trees = stats["trees"]
+    assert trees["sampled_tree_requests"] >= V2_SAMPLED_REQUESTS and trees["nodes_accepted"] > 0, trees
+    pvalues = [_homogeneity_pvalue([t[k] for t in plain], [t[k] for t in tree]) for k in (1, 2, 3)]
+    print("V2 sampled trees: p-values at positions 1-3", pvalues, stats["trees"])
+    assert min(pvalues) > 1e-3 / 3, pvalues  # Bonferroni over the three positions

@@ -43,22 +43,39 @@ def generate_under_v2(runs: list[tuple]):
     """In a fresh process: one engine per (target, prompts, speculative config, max_tokens[, make_llm
     options]) under the V2 runner. -> [(RunResult, drafts, the runner's classes (MRO),
     speculator class, drafter class, the drafter's early-stop statistics or None)]: drafts as
-    `vllm_specx.testing.recording_drafts` records them, classes as dotted paths."""
+    `vllm_specx.testing.recording_drafts` records them, classes as dotted paths; the statistics hold the
+    run's tree verification counts (`tree_step.STATS`) under "trees". Options may hold "setup": (f, args),
+    f(runner, *args) called before generating, may return an undo called after (tests/vllm/trees.py's
+    V2 oracle), and "sampled": a temperature (request i sampled with seed i, EOS ignored)."""
     enable_v2_runner()
     from vllm_specx.testing import generate, make_llm, recording_drafts, shutdown
 
+    from vllm_specx.vllm_adapter import tree_step
+
     out = []
     for target, prompts, spec, max_tokens, *options in runs:
-        llm = make_llm(target, spec, **(options[0] if options else {}))
+        options = dict(options[0]) if options else {}
+        setup = options.pop("setup", None)  # (module-level function, args): called as f(runner, *args)
+        sampled = options.pop("sampled", None)  # a temperature: request i sampled with seed i, no EOS stop
+        llm = make_llm(target, spec, **options)
         try:
             runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
             speculator = getattr(runner, "speculator", None)
-            with recording_drafts() as drafts:
-                res = generate(llm, prompts, max_tokens=max_tokens)
+            undo = setup[0](runner, *setup[1]) if setup is not None else None
+            trees_before = dict(tree_step.STATS)
+            try:
+                with recording_drafts() as drafts:
+                    res = generate(llm, prompts, max_tokens=max_tokens) if sampled is None else generate(
+                        llm, prompts, max_tokens=max_tokens, temperature=sampled, seeds=list(range(len(prompts))),
+                        ignore_eos=True)
+            finally:
+                if undo is not None:
+                    undo()
+            trees = {k: v - trees_before[k] for k, v in tree_step.STATS.items()}
             controller = getattr(getattr(speculator, "model", None), "draft_length", None)
             out.append((res, drafts, [_path(c) for c in type(runner).__mro__], _path(type(speculator)),
                         _path(type(getattr(speculator, "model", None))),
-                        None if controller is None else _controller_stats(controller)))
+                        None if controller is None else dict(_controller_stats(controller), trees=trees)))
         finally:
             shutdown(llm)
     return out

@@ -103,7 +103,8 @@ INTERNALS: tuple[Internal, ...] = (
              "PCT trees: logits rows per request from cu_num_sampled_tokens (n drafts + 1 rows each)",
              members=("__dataclass_fields__",), fields=("cu_num_sampled_tokens", "num_draft_tokens"), runner="v1"),
     Internal("vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl.forward",
-             "PCT trees: during a tree step attention runs through core.tree_attention over the paged cache "
+             "PCT trees (V1 and V2 runners; V2 checks it when it installs its tree hooks): during a tree "
+             "step attention runs through core.tree_attention over the paged cache "
              "([num_blocks, Hkv, block_size, 2*D]: K rows then V rows per block)",
              params=("self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output"), runner="v1"),
     Internal("vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadataBuilder._set_isa_to_layers",
@@ -142,7 +143,9 @@ INTERNALS: tuple[Internal, ...] = (
              "rows in the runner's request states, for the lookup search), num_sampled [B] (tokens "
              "just emitted per request: feedback), num_speculative_tokens; returns self.draft_tokens[:B] "
              "([B, K], greedy argmax of compute_logits per step when self.draft_logits is None and not "
-             "self.use_local_argmax_reduction); a step that stops early returns it with -1 past its last draft",
+             "self.use_local_argmax_reduction); a step that stops early returns it with -1 past its last draft. "
+             "PCT trees permute the rows of input_batch.input_ids / positions, last_hidden_states and "
+             "aux_hidden_states before it runs (its draft prefill reads them, target rows in query order)",
              params=("self", "input_batch", "attn_metadata", "slot_mappings", "last_hidden_states",
                      "aux_hidden_states", "num_sampled"), runner="v2"),
     Internal("vllm.v1.worker.gpu.model_runner:GPUModelRunner.take_draft_token_ids",
@@ -156,6 +159,28 @@ INTERNALS: tuple[Internal, ...] = (
              "V2 lookup chains read all_token_ids.gpu [max_reqs, max_model_len] (int32; this step's sampled "
              "tokens written by post_update before the speculator runs), total_len.gpu [max_reqs], max_model_len",
              params=("self", "max_num_reqs", "max_model_len"), runner="v2"),
+    Internal("vllm.v1.worker.gpu.model_runner:GPUModelRunner.add_requests",
+             "V2 PCT trees: which requests may be drafted as trees (scheduler_output.scheduled_new_reqs[i]"
+             ".sampling_params greedy and tree_eligible; finished_req_ids forgotten)",
+             params=("self", "scheduler_output"), runner="v2"),
+    Internal("vllm.v1.worker.gpu.model_runner:GPUModelRunner.prepare_attn",
+             "V2 PCT trees: after it the slot mappings hold consecutive positions (node i's KV slot: root + i); "
+             "tree nodes' positions in input_batch.positions (the model's RoPE input) become root + depth",
+             params=("self", "input_batch"), runner="v2"),
+    Internal("vllm.v1.worker.gpu.input_batch:InputBatch",
+             "V2 PCT trees read each request's query rows (query_start_loc_np: the root, then its "
+             "num_draft_tokens_per_req[i] drafts in input_ids), its logits rows (cu_num_logits_np) and "
+             "rewrite positions / permute input_ids rows in place", members=("__dataclass_fields__",),
+             fields=("req_ids", "num_reqs", "num_tokens", "idx_mapping", "num_draft_tokens_per_req",
+                     "query_start_loc_np", "cu_num_logits_np", "input_ids", "positions"), runner="v2"),
+    Internal("vllm.v1.worker.gpu.spec_decode.rejection_sampler:RejectionSampler.__call__",
+             "V2 PCT trees: a tree request's rows of the SamplerOutput are replaced by the greedy walk "
+             "(sampled_token_ids [B, K + 1] -1 padded, num_sampled = tokens emitted, num_rejected = logits rows "
+             "- num_sampled: what post_update and the speculator read)", params=("self", "logits", "input_batch"),
+             runner="v2"),
+    Internal("vllm.v1.worker.gpu.sample.output:SamplerOutput", "V2 PCT trees rewrite its rows",
+             members=("__dataclass_fields__",), fields=("sampled_token_ids", "num_sampled", "num_rejected"),
+             runner="v2"),
     Internal("vllm.config.scheduler:SchedulerConfig",
              "early stop needs synchronous scheduling (async: K placeholders per request are verified)",
              is_class=True, fields=("async_scheduling",)),

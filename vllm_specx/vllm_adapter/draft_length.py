@@ -354,7 +354,8 @@ class ChainStopController:
         return chains
 
     def take_trees(self, runner, req_ids: list[str]) -> list | None:
-        """Per request (aligned with req_ids): (node tokens, parents) of the tree drafted this step."""
+        """Per request (aligned with req_ids): (node tokens, parents) of the tree drafted this step.
+        runner: the V1 model runner, or the V2 step's input_batch (unused here; context for overrides)."""
         trees, self._trees = self._trees, None
         return trees
 
@@ -644,7 +645,7 @@ def _wrap_v2_propose(orig):
         ctl.begin(armed=greedy_drafts and k > 1)
         drafts = self.draft_tokens[:b]  # [B, K]
         if greedy_drafts and ctl.skip_step(b) and ctl.forward_skipped():
-            return _settle_v2(ctl, req_ids, drafts.fill_(-1))
+            return _settle_v2(ctl, input_batch, req_ids, drafts.fill_(-1))
         try:
             drafts = orig(self, input_batch, *args, **kwargs)
         except _AllStopped as stop:
@@ -653,31 +654,47 @@ def _wrap_v2_propose(orig):
             drafts[:, d:] = -1
         finally:
             ctl.forward_ran()
-        return _settle_v2(ctl, req_ids, drafts)
+        return _settle_v2(ctl, input_batch, req_ids, drafts)
 
     propose.__specx_wrapped__ = True
     return propose
 
 
-def _settle_v2(ctl: ChainStopController, req_ids: list[str], drafts: torch.Tensor) -> torch.Tensor:
-    """V2: this step's per-request lengths (`finish`), lookup chains where they win (`lookup_chains`)
-    written into their rows of drafts [B, K], -1 past each request's length. The lengths wait in
-    `ctl.settled` for `take_draft_token_ids`. Not armed (sampled drafts): the block stays at fixed K."""
+def _settle_v2(ctl: ChainStopController, input_batch, req_ids: list[str], drafts: torch.Tensor) -> torch.Tensor:
+    """V2: this step's per-request lengths (`finish`), lookup chains where they win (`lookup_chains`) or
+    PCT trees (`take_trees`: nodes in BFS order, registered for verification) written into their rows of
+    drafts [B, K], -1 past each request's length. The lengths wait in `ctl.settled` for
+    `take_draft_token_ids`. Not armed (sampled drafts): the block stays at fixed K."""
     lengths = ctl.finish()
     if lengths is None:
         return drafts
     b, k = drafts.shape
-    chains = ctl.lookup_chains(req_ids)
-    rows = [(i, c) for i, c in enumerate(chains) if c is not None]
+    rows = _v2_rows(ctl, input_batch, req_ids, k)
     if rows:
-        chosen, chain_tokens = torch.zeros(b, dtype=torch.bool), torch.full((b, k), -1, dtype=drafts.dtype)
-        for i, chain in rows:  # chains are at most K long (`find` was given K)
-            chosen[i], chain_tokens[i, : len(chain)], lengths[i] = True, torch.tensor(chain), len(chain)
-        drafts.copy_(torch.where(chosen[:, None].to(drafts.device), chain_tokens.to(drafts.device), drafts))
+        chosen, row_tokens = torch.zeros(b, dtype=torch.bool), torch.full((b, k), -1, dtype=drafts.dtype)
+        for i, tokens in rows:  # at most K long (`find` was given K; trees are cut to it)
+            chosen[i], row_tokens[i, : len(tokens)], lengths[i] = True, torch.tensor(tokens), len(tokens)
+        drafts.copy_(torch.where(chosen[:, None].to(drafts.device), row_tokens.to(drafts.device), drafts))
     length = torch.tensor(lengths, device=drafts.device)
     drafts.masked_fill_(torch.arange(k, device=drafts.device)[None, :] >= length[:, None], -1)
     ctl.settled = lengths
     return drafts
+
+
+def _v2_rows(ctl: ChainStopController, input_batch, req_ids: list[str], k: int) -> list[tuple[int, list[int]]]:
+    """(row, tokens) of the requests whose drafts are not the drafter's chain: a lookup chain, or a tree
+    (registered with tree_step for the step that verifies it) where the request may have one."""
+    chains = ctl.lookup_chains(req_ids)
+    trees = ctl.take_trees(input_batch, req_ids)
+    rows = [(i, c) for i, c in enumerate(chains) if c is not None]
+    if trees is not None:
+        from vllm_specx.vllm_adapter.tree_step import is_chain, register_tree, v2_tree_ok
+
+        for i, (rid, (tokens, parents)) in enumerate(zip(req_ids, trees)):
+            if chains[i] is None and tokens and len(tokens) <= k and not is_chain(parents) and v2_tree_ok(rid):
+                register_tree(rid, tokens, parents)
+                rows.append((i, list(tokens)))
+    return rows
 
 
 class V2TokenHistory:

@@ -320,7 +320,7 @@ class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
 def _draft_length_controller(vllm_config, runner: str, specx, vocab_mode: str):
     """specx_config.json `early_stop` -> controller + runner hooks; None (fixed K) when absent, switched
     off with SPECX_EARLY_STOP=0, or where per-request lengths cannot be honoured (`early_stop_problem`).
-    Under the V2 runner: chains with early stop, step skipping and lookup chains; PCT trees are V1's."""
+    Under the V2 runner the same, except that PCT runner-ups are not expanded (they stay leaves)."""
     from vllm.logger import init_logger
 
     if os.environ.get("SPECX_EARLY_STOP", "1") == "0":
@@ -336,13 +336,15 @@ def _draft_length_controller(vllm_config, runner: str, specx, vocab_mode: str):
 
     from vllm_specx.vllm_adapter.tree_step import trees_verifiable
 
-    tree = tree_settings(specx.tree, branches_verifiable=trees_verifiable(
-        getattr(speculative_config, "target_parallel_config", None)))
+    verifiable = trees_verifiable(getattr(speculative_config, "target_parallel_config", None))
+    # V2 verifies trees whose runner-ups are leaves (the expansion pass below them is V1's)
+    tree = tree_settings(specx.tree, branches_verifiable=verifiable and runner == "v1")
     lookup = lookup_settings(specx.lookup)
-    if runner == "v2" and tree:
+    if runner == "v2" and tree and not verifiable:
         init_logger(__name__).warning(
-            "vllm-specx: under vLLM's V2 model runner the drafter drafts chains (early stop%s); its PCT "
-            "trees need the V1 runner (VLLM_USE_V2_MODEL_RUNNER=0).", " and prompt-lookup chains" if lookup else "")
+            "vllm-specx: the drafter drafts chains (early stop%s): its PCT trees are verified with vLLM-CPU's "
+            "attention backend on a single worker only (no tree attention backend for GPUs yet).",
+            " and prompt-lookup chains" if lookup else "")
         tree = None
     controller = load_controller(folder, specx.early_stop, speculative_config.num_speculative_tokens, tree,
                                  vocab_mode, lookup)
@@ -351,7 +353,7 @@ def _draft_length_controller(vllm_config, runner: str, specx, vocab_mode: str):
         if tree:
             from vllm_specx.vllm_adapter.tree_step import install_tree_hooks
 
-            install_tree_hooks()
+            install_tree_hooks(runner)
     elif tree:
         init_logger(__name__).warning(
             "vllm-specx: PCT trees need the drafter's early-stop model (the `early-stop` training stage); "

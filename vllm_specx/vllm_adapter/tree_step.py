@@ -60,6 +60,7 @@ class _Step:
     _mask_key: tuple | None = None
     _mask: torch.Tensor | None = None
     stats: dict = field(default_factory=dict)
+    caches: list = field(default_factory=list)  # every KV cache attended through tree masks this step
 
     def tree_mask(self, n_q: list[int]) -> torch.Tensor:
         """[B, N, N] ancestor-or-self masks; causal (a chain) for requests without a tree."""
@@ -124,6 +125,31 @@ def tree_eligible(sampling_params, has_structured_output: bool = False) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ hooks
+def _tree_row(tree: tuple[list[int], list[int]] | None, drafts: list[int], qs: int,
+              positions: torch.Tensor) -> _TreeRow | None:
+    """The row of a request whose scheduled drafts (drafts, packed from query row qs: the root, then the
+    nodes) are the tree it registered; its nodes' RoPE positions become root + depth in positions (KV
+    slots stay root + i: vLLM computed them from consecutive positions). None: not that tree (or only its
+    chain part was scheduled), which vLLM verifies as the chain it is."""
+    if tree is None or not drafts:
+        return None
+    tokens, parents = tree
+    m = len(drafts)
+    if tokens[:m] != list(drafts) or is_chain(parents[:m]):
+        return None
+    par = torch.tensor([-1] + parents[:m], dtype=torch.long)
+    depth = node_depth(par[None])[0]
+    base = int(positions[qs])
+    positions[qs + 1: qs + 1 + m] = (base + depth[1:]).to(positions.dtype)
+    return _TreeRow(par, depth, torch.tensor([0] + list(drafts)), qs, base)
+
+
+def _take_pending() -> dict:
+    pending = dict(_PENDING)
+    _PENDING.clear()  # trees not verified in this step are stale
+    return pending
+
+
 def _wrap_prepare_inputs(orig):
     @functools.wraps(orig)
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
@@ -131,25 +157,12 @@ def _wrap_prepare_inputs(orig):
         _STEP[0] = None
         if not _PENDING:
             return out
-        pending = dict(_PENDING)
-        _PENDING.clear()  # trees not verified in this step are stale
-        spec = scheduler_output.scheduled_spec_decode_tokens
-        qsl = self.query_start_loc.cpu
+        pending, spec, qsl = _take_pending(), scheduler_output.scheduled_spec_decode_tokens, self.query_start_loc.cpu
         rows = {}
         for i, rid in enumerate(self.input_batch.req_ids):
-            tree, drafts = pending.get(rid), spec.get(rid)
-            if tree is None or not drafts:
-                continue
-            tokens, parents = tree
-            m = len(drafts)
-            if tokens[:m] != list(drafts) or is_chain(parents[:m]):
-                continue  # not the tree we drafted (or only its chain part was scheduled): vLLM's chain path
-            par = torch.tensor([-1] + parents[:m], dtype=torch.long)
-            depth = node_depth(par[None])[0]
-            qs = int(qsl[i])
-            base = int(self.positions[qs])
-            self.positions[qs + 1: qs + 1 + m] = base + depth[1:]  # RoPE by depth; KV slots stay base + i
-            rows[i] = _TreeRow(par, depth, torch.tensor([0] + list(drafts)), qs, base)
+            row = _tree_row(pending.get(rid), spec.get(rid) or [], int(qsl[i]), self.positions)
+            if row is not None:
+                rows[i] = row
         if rows:
             _STEP[0] = _Step(rows, int(scheduler_output.total_num_scheduled_tokens))
         return out
@@ -182,10 +195,17 @@ def _wrap_attention_forward(orig):
                                    step.tree_mask(n_q), self.scale)
         output[:t].view(t, -1).copy_(out.reshape(t, -1))
         step.stats.update(block_table=attn_metadata.block_table, block_size=bs, isa=layer.isa)
+        step.caches.append(kv_cache)  # the target's layers, for the accepted path's KV move
         return output
 
     forward.__specx_tree__ = True
     return forward
+
+
+def _check_attended(step: _Step) -> None:
+    if "block_table" not in step.stats:  # never verify a tree that was attended as a chain
+        raise RuntimeError("vllm-specx: a tree step ran without specx's tree attention (attention backend "
+                           "is not vLLM-CPU's); set SPECX_TREE=0")
 
 
 def _wrap_sample(orig):
@@ -199,35 +219,41 @@ def _wrap_sample(orig):
         if spec_decode_metadata is None or logits is None:
             _STEP[0] = None
             return out
-        if "block_table" not in step.stats:  # never verify a tree that was attended as a chain
-            raise RuntimeError("vllm-specx: a tree step ran without specx's tree attention (attention backend "
-                               "is not vLLM-CPU's); set SPECX_TREE=0")
+        _check_attended(step)
         cu = spec_decode_metadata.cu_num_sampled_tokens.tolist()
         sampled = out.sampled_token_ids  # [B, max drafts + 1], -1 padded
         STATS["tree_steps"] += 1
         batch = self.input_batch
-        metrics = specx_metrics()
         for i, row in step.rows.items():
             n = row.parents.numel()
             start = cu[i] - n
             res = _walk(row, logits[start: start + n], float(batch.temperature_cpu[i]), batch.generators.get(i))
-            a = int(res.num_accepted[0])  # accepted nodes including the root
-            row.path = res.accepted_path[0, :a].tolist()
-            emitted = res.emitted_tokens(row.tokens[None])[0, :a]  # a-1 accepted draft tokens + the bonus
-            sampled[i].fill_(-1)
-            sampled[i, :a] = emitted.to(sampled.dtype)
-            STATS["tree_requests"] += 1
-            STATS["nodes_verified"] += n - 1
-            STATS["nodes_accepted"] += a - 1
-            if metrics is not None:
-                metrics.tree_requests.inc()
-                metrics.tree_nodes_verified.inc(n - 1)
-                metrics.tree_nodes_accepted.inc(a - 1)
-        _move_path_kv(self.kv_caches, step)
+            _accept(row, res, sampled[i])
+        _move_path_kv(step)
         return out
 
     _sample.__specx_tree__ = True
     return _sample
+
+
+def _accept(row: _TreeRow, res, sampled_row: torch.Tensor) -> int:
+    """Record a request's walk: its accepted path (row.path, root first) and, in sampled_row [K + 1]
+    (-1 padded), the accepted draft tokens + the bonus token. -> tokens emitted."""
+    n = row.parents.numel()
+    a = int(res.num_accepted[0])  # accepted nodes including the root
+    row.path = res.accepted_path[0, :a].tolist()
+    emitted = res.emitted_tokens(row.tokens[None])[0, :a]  # a-1 accepted draft tokens + the bonus
+    sampled_row.fill_(-1)
+    sampled_row[:a] = emitted.to(sampled_row.dtype)
+    STATS["tree_requests"] += 1
+    STATS["nodes_verified"] += n - 1
+    STATS["nodes_accepted"] += a - 1
+    metrics = specx_metrics()
+    if metrics is not None:
+        metrics.tree_requests.inc()
+        metrics.tree_nodes_verified.inc(n - 1)
+        metrics.tree_nodes_accepted.inc(a - 1)
+    return a
 
 
 def _walk(row: _TreeRow, node_logits: torch.Tensor, temperature: float, generator: torch.Generator | None):
@@ -241,8 +267,9 @@ def _walk(row: _TreeRow, node_logits: torch.Tensor, temperature: float, generato
     return sample_accept(row.tokens[None], row.parents[None], valid, probs[None], generator=generator)
 
 
-def _move_path_kv(kv_caches: list[torch.Tensor], step: _Step) -> None:
-    """Copy each accepted node's K/V from slot base + node to slot base + depth, in every layer."""
+def _move_path_kv(step: _Step) -> None:
+    """Copy each accepted node's K/V from slot base + node to slot base + depth, in every layer that
+    attended through the tree masks (the target's)."""
     block_table, bs = step.stats.get("block_table"), step.stats.get("block_size")
     src, dst = [], []
     for i, row in step.rows.items():
@@ -259,8 +286,8 @@ def _move_path_kv(kv_caches: list[torch.Tensor], step: _Step) -> None:
         return block_table[req, pos // bs].long(), pos % bs
 
     (sb, so), (db, do) = slots(src), slots(dst)
-    for cache in kv_caches:
-        if cache is None or cache.dim() != 4 or cache.shape[2] != bs:
+    for cache in _distinct(step.caches):
+        if cache.dim() != 4 or cache.shape[2] != bs:
             continue
         k_view, v_view = cpu_kv_views(cache, step.stats["isa"])
         k, v = k_view[sb, so].clone(), v_view[sb, so].clone()  # gather all first: sources never clobbered
@@ -283,21 +310,30 @@ def cpu_kv_views(kv_cache: torch.Tensor, isa: str) -> tuple[torch.Tensor, torch.
     return k.permute(0, 3, 1, 2), kv[:, :, bs:].permute(0, 2, 1, 3)
 
 
+def _accepted_path_first(step: _Step | None, tensors) -> None:
+    """Permute each tree request's query rows (root, nodes) so that its accepted path comes first, in
+    every tensor given (token ids, positions, hidden states): the drafter then sees the chain step that
+    accepted that path, which is what vLLM's proposer and scheduler accounting assume."""
+    if step is None:
+        return
+    tensors = _distinct(tensors)
+    for row in step.rows.values():
+        n = row.parents.numel()
+        on_path = set(row.path)
+        order = row.path + [j for j in range(n) if j not in on_path]
+        src = torch.tensor(order) + row.qs
+        dst = torch.arange(n) + row.qs
+        for t in tensors:
+            t[dst.to(t.device)] = t[src.to(t.device)].clone()
+
+
 def _wrap_propose_draft_token_ids(orig):
     @functools.wraps(orig)
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
                                 sample_hidden_states, aux_hidden_states, *args, **kwargs):
         step, _STEP[0] = _STEP[0], None
-        if step is not None:
-            for row in step.rows.values():
-                n = row.parents.numel()
-                on_path = set(row.path)
-                order = row.path + [j for j in range(n) if j not in on_path]
-                src = torch.tensor(order) + row.qs
-                dst = torch.arange(n) + row.qs
-                for t in _distinct([self.input_ids.gpu, self.input_ids.cpu, self.positions, hidden_states,
-                                    *(aux_hidden_states or [])]):
-                    t[dst] = t[src].clone()
+        _accepted_path_first(step, [self.input_ids.gpu, self.input_ids.cpu, self.positions, hidden_states,
+                                    *(aux_hidden_states or [])])
         return orig(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
                     sample_hidden_states, aux_hidden_states, *args, **kwargs)
 
@@ -314,14 +350,140 @@ def _distinct(tensors):
     return out
 
 
-def install_tree_hooks() -> None:
-    """Idempotent. Inert unless a tree was registered (`register_tree`)."""
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+# ------------------------------------------------------------------------------ V2 runner hooks
+# The same four moves under vLLM's V2 model runner (the GPU build's default; on CPU, tests/vllm/v2_cpu.py):
+# V2 prepares the step's inputs on the device from its request states, verifies in its own rejection
+# sampler and hands the speculator the whole input batch, so the hooks sit there. A sampled request's walk
+# draws from a torch generator seeded by the request's V2 seed and the root position: its own stream, so
+# seeded requests repeat, but not the draws V2's Philox sampler would make for the same seed.
+_V2_TREE_OK: dict[str, bool] = {}  # req_id -> may be drafted as a tree (`tree_eligible`)
 
-    for owner, name, wrap in ((GPUModelRunner, "_prepare_inputs", _wrap_prepare_inputs),
-                              (GPUModelRunner, "_sample", _wrap_sample),
-                              (GPUModelRunner, "propose_draft_token_ids", _wrap_propose_draft_token_ids),
-                              (CPUAttentionBackendImpl, "forward", _wrap_attention_forward)):
+
+def v2_tree_ok(req_id: str) -> bool:
+    return _V2_TREE_OK.get(req_id, False)
+
+
+def _wrap_v2_add_requests(orig):
+    @functools.wraps(orig)
+    def add_requests(self, scheduler_output, *args, **kwargs):
+        for rid in scheduler_output.finished_req_ids:
+            _V2_TREE_OK.pop(rid, None)
+        for new in scheduler_output.scheduled_new_reqs:
+            sp = new.sampling_params
+            _V2_TREE_OK[new.req_id] = tree_eligible(sp)
+        return orig(self, scheduler_output, *args, **kwargs)
+
+    add_requests.__specx_tree__ = True
+    return add_requests
+
+
+def _wrap_v2_prepare_attn(orig):
+    """After V2's slot mappings (from consecutive positions: node i's KV slot is root + i), tree nodes'
+    positions in input_batch.positions (the model's RoPE input) become root + depth."""
+
+    @functools.wraps(orig)
+    def prepare_attn(self, input_batch, *args, **kwargs):
+        out = orig(self, input_batch, *args, **kwargs)
+        _STEP[0] = None
+        if not _PENDING or input_batch.num_draft_tokens_per_req is None:
+            _PENDING.clear()
+            return out
+        pending, qsl = _take_pending(), input_batch.query_start_loc_np
+        ids = input_batch.input_ids
+        rows = {}
+        for i, rid in enumerate(input_batch.req_ids[: input_batch.num_reqs]):
+            m, qs = int(input_batch.num_draft_tokens_per_req[i]), int(qsl[i])
+            if rid not in pending or m == 0 or int(qsl[i + 1]) - qs != m + 1:
+                continue  # (a decode row is the root + its m drafts)
+            row = _tree_row(pending[rid], ids[qs + 1: qs + 1 + m].tolist(), qs, input_batch.positions)
+            if row is not None:
+                rows[i] = row
+        if rows:
+            _STEP[0] = _Step(rows, int(input_batch.num_tokens))
+        return out
+
+    prepare_attn.__specx_tree__ = True
+    return prepare_attn
+
+
+def _wrap_v2_rejection_sample(orig):
+    """V2's RejectionSampler.__call__(logits [num_logits, V], input_batch, ...): each tree request's rows
+    (cu_num_logits: its root + nodes) are walked before V2 verifies (V2 may scale logits in place), at the
+    request's temperature (self.sampler.sampling_states, rows by idx_mapping), and
+    its row of the output replaced: accepted tokens + bonus, num_sampled = a, num_rejected = nodes + 1 - a
+    (what V2's post_update and the speculator read). Then the accepted path's KV moves into place."""
+
+    @functools.wraps(orig)
+    def __call__(self, logits, input_batch, *args, **kwargs):
+        step = _STEP[0]
+        if step is None:
+            return orig(self, logits, input_batch, *args, **kwargs)
+        step.attending = False
+        _check_attended(step)
+        cu, states = input_batch.cu_num_logits_np, self.sampler.sampling_states
+        walks = {}
+        for i, row in step.rows.items():
+            req = int(input_batch.idx_mapping_np[i])
+            temperature = float(states.temperature.np[req])
+            generator = None if temperature < 1e-5 else torch.Generator().manual_seed(
+                (int(states.seeds.np[req]) * 1_000_003 + row.base) % (1 << 63))
+            walks[i] = _walk(row, logits[int(cu[i]): int(cu[i + 1])], temperature, generator)
+        out = orig(self, logits, input_batch, *args, **kwargs)
+        STATS["tree_steps"] += 1
+        for i, res in walks.items():
+            row = step.rows[i]
+            a = _accept(row, res, out.sampled_token_ids[i])
+            out.num_sampled[i] = a
+            out.num_rejected[i] = row.parents.numel() - a
+        _move_path_kv(step)
+        return out
+
+    __call__.__specx_tree__ = True
+    return __call__
+
+
+def _wrap_v2_propose(orig):
+    """V2's speculator reads the target's input ids, positions and hidden states (and the EAGLE-3 aux
+    hidden states) from the rows of input_batch: accepted path first, as under V1."""
+
+    @functools.wraps(orig)
+    def propose(self, input_batch, attn_metadata, slot_mappings, last_hidden_states, aux_hidden_states,
+                *args, **kwargs):
+        step, _STEP[0] = _STEP[0], None
+        if not kwargs.get("dummy_run", False):
+            _accepted_path_first(step, [input_batch.input_ids, input_batch.positions, last_hidden_states,
+                                        *(aux_hidden_states or [])])
+        return orig(self, input_batch, attn_metadata, slot_mappings, last_hidden_states, aux_hidden_states,
+                    *args, **kwargs)
+
+    propose.__specx_tree__ = True
+    return propose
+
+
+def install_tree_hooks(runner: str = "v1") -> None:
+    """Idempotent. Inert unless a tree was registered (`register_tree`). runner: "v1" or "v2"."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+    if runner == "v2":
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
+
+        from vllm_specx.vllm_adapter.compat import INTERNALS, check_vllm_internals
+
+        # the load-time check under V2 skips V1-runner entries; the CPU attention backend's are relied on here too
+        check_vllm_internals(tuple(e for e in INTERNALS if ".cpu_attn:" in e.path))
+        from vllm.v1.worker.gpu.spec_decode.rejection_sampler import RejectionSampler
+        from vllm.v1.worker.gpu.spec_decode.target_dependent_ar.speculator import TargetDependentARSpeculator
+
+        hooks = ((V2Runner, "add_requests", _wrap_v2_add_requests),
+                 (V2Runner, "prepare_attn", _wrap_v2_prepare_attn),
+                 (RejectionSampler, "__call__", _wrap_v2_rejection_sample),
+                 (TargetDependentARSpeculator, "propose", _wrap_v2_propose))
+    else:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        hooks = ((GPUModelRunner, "_prepare_inputs", _wrap_prepare_inputs),
+                 (GPUModelRunner, "_sample", _wrap_sample),
+                 (GPUModelRunner, "propose_draft_token_ids", _wrap_propose_draft_token_ids))
+    for owner, name, wrap in (*hooks, (CPUAttentionBackendImpl, "forward", _wrap_attention_forward)):
         if not getattr(getattr(owner, name), "__specx_tree__", False):
             setattr(owner, name, wrap(getattr(owner, name)))
