@@ -161,7 +161,7 @@ INTERNALS: tuple[Internal, ...] = (
              params=("self", "max_num_reqs", "max_model_len"), runner="v2"),
     Internal("vllm.v1.worker.gpu.model_runner:GPUModelRunner.add_requests",
              "V2 PCT trees: which requests may be drafted as trees (scheduler_output.scheduled_new_reqs[i]"
-             ".sampling_params greedy and tree_eligible; finished_req_ids forgotten)",
+             ".sampling_params tree_eligible; finished_req_ids forgotten)",
              params=("self", "scheduler_output"), runner="v2"),
     Internal("vllm.v1.worker.gpu.model_runner:GPUModelRunner.prepare_attn",
              "V2 PCT trees: after it the slot mappings hold consecutive positions (node i's KV slot: root + i); "
@@ -172,11 +172,14 @@ INTERNALS: tuple[Internal, ...] = (
              "num_draft_tokens_per_req[i] drafts in input_ids), its logits rows (cu_num_logits_np) and "
              "rewrite positions / permute input_ids rows in place", members=("__dataclass_fields__",),
              fields=("req_ids", "num_reqs", "num_tokens", "idx_mapping", "num_draft_tokens_per_req",
-                     "query_start_loc_np", "cu_num_logits_np", "input_ids", "positions"), runner="v2"),
+                     "query_start_loc_np", "cu_num_logits_np", "idx_mapping_np", "input_ids", "positions"),
+             runner="v2"),
     Internal("vllm.v1.worker.gpu.spec_decode.rejection_sampler:RejectionSampler.__call__",
-             "V2 PCT trees: a tree request's rows of the SamplerOutput are replaced by the greedy walk "
-             "(sampled_token_ids [B, K + 1] -1 padded, num_sampled = tokens emitted, num_rejected = logits rows "
-             "- num_sampled: what post_update and the speculator read)", params=("self", "logits", "input_batch"),
+             "V2 PCT trees: a tree request's rows of the SamplerOutput are replaced by the walk, greedy or at "
+             "the request's temperature (self.sampler.sampling_states.temperature / seeds .np, rows by "
+             "input_batch.idx_mapping_np) (sampled_token_ids [B, K + 1] -1 padded, num_sampled = tokens emitted, "
+             "num_rejected = logits rows - num_sampled: what post_update and the speculator read)",
+             params=("self", "logits", "input_batch"),
              runner="v2"),
     Internal("vllm.v1.worker.gpu.sample.output:SamplerOutput", "V2 PCT trees rewrite its rows",
              members=("__dataclass_fields__",), fields=("sampled_token_ids", "num_sampled", "num_rejected"),

@@ -1,4 +1,7 @@
-"""PCT tree verification inside vLLM's V1 model runner (CPU build): one target pass per tree.
+"""PCT tree verification inside vLLM's model runners (CPU attention backend): one target pass per tree.
+
+Written for the V1 runner (the CPU build's) below; the V2 runner's hooks (the GPU build's default, run on
+CPU by the tests) make the same four moves where V2 keeps the data, at the end of this module.
 
 vLLM 0.32 verifies chains only. A request drafted as a tree reaches the scheduler as an ordinary draft
 list, its nodes in BFS order (the scheduler only counts them, and a prefix of a BFS list is a tree);
