@@ -59,8 +59,9 @@ def drafters(tiny_edd_drafter, edd_tree_drafter, edd_always_confident, edd_with_
 V2_RUNS = {"edd": ("edd", PROMPTS, MAX_TOKENS, {}),
            "edd_speculative_vocab": ("edd_speculative_vocab", PROMPTS, MAX_TOKENS, {}),
            "edd_early_stop_trees": ("edd_early_stop_trees", PROMPTS, 24, {}),
-           # trees replaced by oracle trees (tests/vllm/trees.py): wrong chain, the right tokens off it
-           "edd_oracle_trees": ("edd_early_stop_trees", many_prompts(16), 32, {"setup": "oracle"}),
+           # trees replaced by oracle trees (tests/vllm/trees.py): wrong chain, the right tokens off it;
+           # tree attention by the Triton kernel (interpreted)
+           "edd_oracle_trees": ("edd_early_stop_trees", many_prompts(16), 24, {"setup": "oracle"}),
            "edd_early_stop_feedback": ("edd_early_stop_feedback", PROMPTS, MAX_TOKENS, {}),
            "cost_model_batch_16": ("edd_cost_model", many_prompts(16), 16, {"max_num_seqs": 16}),
            "cost_model_batch_1": ("edd_cost_model", many_prompts(16)[:1], 16, {}),
@@ -92,7 +93,7 @@ def v2_runs(tiny_target, drafters, tiny_plain_outputs):
                 d, prompts, max_tokens, options = V2_RUNS[name]
                 if options.get("setup") == "oracle":
                     plain = _plain(tiny_plain_outputs, name)
-                    options = dict(options, setup=(install_v2_oracle, (tiny_target, prompts, plain)))
+                    options = dict(options, setup=(install_v2_oracle, (tiny_target, prompts, plain, "triton")))
                 [done[name]] = pool.apply(generate_under_v2,
                                           ([(tiny_target, prompts, drafters[d][0], max_tokens, options)],))
             return done[name]
@@ -202,8 +203,9 @@ def test_v2_runner_accepts_oracle_trees_side_branches_and_stays_lossless(tiny_ta
                                                                          v2_runs, monkeypatch):
     """Oracle trees (chain tokens always wrong, plain decoding's next tokens on side branches: see
     tests/vllm/trees.py) under V2, 16 requests in one batch: output equals plain decoding only if depth
-    positions, tree attention, the walk, num_sampled / num_rejected and the KV move of the off-chain path
-    are right; the acceptance counts prove the side branches landed. The drafter's proposals after each
+    positions, tree attention (here the Triton kernel of kernels/tree_attention.py, interpreted, inside
+    V2's step, over vLLM-CPU's paged cache), the walk, num_sampled / num_rejected and the KV move of the
+    off-chain path are right; the acceptance counts prove the side branches landed. The drafter's proposals after each
     off-chain path equal V1's under the same oracle only if V2's speculator got the accepted path's rows
     first (its hidden states, tokens, positions)."""
     res, drafts, runner_mro, speculator, drafter, stats = v2_runs("edd_oracle_trees")
@@ -214,6 +216,7 @@ def test_v2_runner_accepts_oracle_trees_side_branches_and_stays_lossless(tiny_ta
     m, trees = res.metrics, stats["trees"]
     assert trees["tree_requests"] > 0 and m.num_accepted_tokens >= 2.5 * m.num_drafts, (trees, m)
     assert trees["nodes_accepted"] == m.num_accepted_tokens, (trees, m)
+    assert trees["triton_attention_calls"] >= trees["tree_steps"] > 0, trees  # the kernel attended every tree step
     install_oracle(monkeypatch, tiny_target, prompts, plain)
     _assert_drafts_like_v1("edd_oracle_trees", v2_runs, drafters, tiny_target, monkeypatch, None)
 

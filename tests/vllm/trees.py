@@ -41,9 +41,11 @@ def install_oracle(monkeypatch, target: str, prompts: list[str], plain: list[lis
     monkeypatch.setattr(ChainStopController, "take_trees", _oracle(*_by_prompt(target, prompts, plain)))
 
 
-def install_v2_oracle(runner, target: str, prompts: list[str], plain: list[list[int]]):
+def install_v2_oracle(runner, target: str, prompts: list[str], plain: list[list[int]], attention: str = "torch"):
     """The same oracle under the V2 runner (a `generate_under_v2` setup, in its process): each request's
-    prompt and output so far are read from V2's request states. Returns the undo."""
+    prompt and output so far are read from V2's request states. attention: tree_step.ATTENTION_IMPL for
+    the run ("triton": the GPU kernel, interpreted). Returns the undo."""
+    from vllm_specx.vllm_adapter import tree_step
     from vllm_specx.vllm_adapter.draft_length import ChainStopController
 
     by_prompt, vocab = _by_prompt(target, prompts, plain)
@@ -58,6 +60,10 @@ def install_v2_oracle(runner, target: str, prompts: list[str], plain: list[list[
             trees.append(_oracle_tree(by_prompt[tuple(tokens[:p])], n - p, vocab))
         return trees
 
-    original = ChainStopController.take_trees
-    ChainStopController.take_trees = take_trees
-    return lambda: setattr(ChainStopController, "take_trees", original)
+    original, impl = ChainStopController.take_trees, tree_step.ATTENTION_IMPL[0]
+    ChainStopController.take_trees, tree_step.ATTENTION_IMPL[0] = take_trees, attention
+
+    def undo():
+        ChainStopController.take_trees, tree_step.ATTENTION_IMPL[0] = original, impl
+
+    return undo

@@ -35,6 +35,7 @@ generator). Sync scheduling only
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -79,9 +80,14 @@ class _Step:
         return self._mask
 
 
+# Tree attention: "torch" (core.tree_attention, the CPU implementation) or "triton" (kernels/tree_attention.py:
+# compiled on CUDA tensors, interpreted on CPU ones when TRITON_INTERPRET=1; the tests run it inside the
+# V2 runner's tree steps this way). SPECX_TREE_ATTENTION sets it at import; tests may set it directly.
+ATTENTION_IMPL = [os.environ.get("SPECX_TREE_ATTENTION", "torch")]
 _PENDING: dict[str, tuple[list[int], list[int]]] = {}  # req_id -> (node tokens, parents), nodes 1..n
 _STEP: list[_Step | None] = [None]
-STATS = {"tree_steps": 0, "tree_requests": 0, "sampled_tree_requests": 0, "nodes_verified": 0, "nodes_accepted": 0}
+STATS = {"tree_steps": 0, "tree_requests": 0, "sampled_tree_requests": 0, "nodes_verified": 0, "nodes_accepted": 0,
+         "triton_attention_calls": 0}
 
 
 def _ancestor_or_self(parents: torch.Tensor) -> torch.Tensor:
@@ -194,8 +200,13 @@ def _wrap_attention_forward(orig):
         n_q = (qsl[1:] - qsl[:-1]).tolist()
         ctx = attn_metadata.seq_lens.long() - (qsl[1:] - qsl[:-1])
         q = query[:t].view(t, -1, key_cache.shape[-1])
-        out = tree_attention_paged(q, qsl, key_cache, value_cache, attn_metadata.block_table[:num_reqs], ctx,
-                                   step.tree_mask(n_q), self.scale)
+        attend = tree_attention_paged
+        if ATTENTION_IMPL[0] == "triton":
+            from vllm_specx.kernels.tree_attention import tree_attention_triton as attend
+
+            STATS["triton_attention_calls"] += 1
+        out = attend(q, qsl, key_cache, value_cache, attn_metadata.block_table[:num_reqs], ctx,
+                     step.tree_mask(n_q), self.scale)
         output[:t].view(t, -1).copy_(out.reshape(t, -1))
         step.stats.update(block_table=attn_metadata.block_table, block_size=bs, isa=layer.isa)
         step.caches.append(kv_cache)  # the target's layers, for the accepted path's KV move
