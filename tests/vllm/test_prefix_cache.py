@@ -149,6 +149,7 @@ def run_under_v2(target: str, spec: dict) -> dict:
         shutdown(llm)
 
 
+@pytest.mark.slow  # ~2 min (V2's interpreted kernels); the V1 runner's twin above is in the default suite
 @pytest.mark.skipif(torch.cuda.is_available(), reason="runs the V2 runner on CPU; on a GPU it is the default")
 def test_edd_prefix_cache_hits_under_the_v2_runner(tiny_target, tiny_edd_drafter, plain):
     """The same under the GPU build's default V2 runner, whose EAGLE speculator prefills the drafter on its

