@@ -123,9 +123,13 @@ def test_internals_check_only_what_the_runner_in_use_needs():
     """A drafter under the V1 runner must not be refused because a V2-only internal moved (and vice versa)."""
     from vllm_specx.vllm_adapter.compat import INTERNALS, Internal, VllmCompatError, check_vllm_internals
 
-    assert {e.runner for e in INTERNALS} == {"any", "v1", "v2"}
+    assert {e.runner for e in INTERNALS} == {"any", "v1", "v2", "trees"}
     v2_gone = (Internal("vllm.v1.worker.gpu.no_such_module:Speculator", "test", runner="v2"),)
     check_vllm_internals(v2_gone, runner="v1")
+    # the attention backends trees wrap are checked when the tree hooks install, on their platform only
+    trees_gone = (Internal("vllm.v1.attention.backends.no_such_backend:Impl.forward", "test", runner="trees"),)
+    check_vllm_internals(trees_gone, runner="v1")
+    check_vllm_internals(trees_gone, runner="v2")
     with pytest.raises(VllmCompatError, match="no_such_module"):
         check_vllm_internals(v2_gone, runner="v2")
     with pytest.raises(VllmCompatError, match="no_such_module"):

@@ -21,9 +21,13 @@ class Internal:
     params: tuple[str, ...] = ()  # parameter names a callable must accept, in this order (a prefix)
     members: tuple[str, ...] = ()  # attributes a class or module object must have
     is_class: bool = False
-    runner: str = "any"  # "v1" / "v2": only that model runner relies on it (GPU default: v2; CPU: v1)
+    runner: str = "any"  # "v1" / "v2": only that model runner relies on it (GPU default: v2; CPU: v1);
+    # "trees": an attention backend PCT trees wrap, checked when the tree hooks install on its platform
     fields: tuple[str, ...] = ()  # dataclass fields that must exist
 
+
+_ATTN_FORWARD = ("self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output")
+_ATTN_FIELDS = ("num_actual_tokens", "query_start_loc", "seq_lens", "block_table")
 
 INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.model_executor.models.llama_eagle3:Eagle3LlamaForCausalLM",
@@ -102,18 +106,35 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.v1.spec_decode.metadata:SpecDecodeMetadata",
              "PCT trees: logits rows per request from cu_num_sampled_tokens (n drafts + 1 rows each)",
              members=("__dataclass_fields__",), fields=("cu_num_sampled_tokens", "num_draft_tokens"), runner="v1"),
+    # PCT trees: the attention backends whose forward a tree step replaces (tree_step.TREE_BACKENDS), checked
+    # when the tree hooks install (runner "trees"): a forward with this signature, the step's K/V written
+    # before it (the backend's forward_includes_kv_cache_update is False), metadata with these fields
     Internal("vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl.forward",
-             "PCT trees (V1 and V2 runners; V2 checks it when it installs its tree hooks): during a tree "
-             "step attention runs through core.tree_attention over the paged cache "
-             "([num_blocks, Hkv, block_size, 2*D]: K rows then V rows per block)",
-             params=("self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output"), runner="v1"),
+             "PCT trees on CPU (V1 and V2 runners): during a tree step attention runs through "
+             "core.tree_attention over the paged cache ([num_blocks, Hkv, block_size, 2*D]: K rows then V rows "
+             "per block)", params=_ATTN_FORWARD, runner="trees"),
+    Internal("vllm.v1.attention.backends.flash_attn:FlashAttentionImpl.forward",
+             "PCT trees on GPUs: a tree step's attention runs through kernels/tree_attention.py over the cache "
+             "viewed as its forward views it (logical [num_blocks, Hkv, block_size, 2*D], kv_cache.transpose(1, 2)"
+             ".split(head_size, -1) -> K, V [num_blocks, block_size, Hkv, D])", params=_ATTN_FORWARD,
+             runner="trees"),
+    Internal("vllm.v1.attention.backends.flash_attn:FlashAttentionMetadata",
+             "PCT trees on GPUs: per-request query_start_loc, seq_lens, block_table",
+             members=("__dataclass_fields__",), fields=_ATTN_FIELDS, runner="trees"),
+    Internal("vllm.v1.attention.backends.triton_attn:TritonAttentionImpl.forward",
+             "PCT trees on GPUs: as FlashAttentionImpl.forward (same cache layout and views; tested against "
+             "this backend's own forward and cache writer, interpreted, in tests/vllm/test_tree_attention_gpu_glue.py)",
+             params=_ATTN_FORWARD, runner="trees"),
+    Internal("vllm.v1.attention.backends.triton_attn:TritonAttentionMetadata",
+             "PCT trees on GPUs: per-request query_start_loc, seq_lens, block_table",
+             members=("__dataclass_fields__",), fields=_ATTN_FIELDS, runner="trees"),
     Internal("vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadataBuilder._set_isa_to_layers",
              "PCT expansion reads the drafter's own cache (Attention.kv_cache, bound by vLLM) in the layout of "
              "layer.isa, which this builder method sets on every attention layer", params=("self", "layer_names"),
              runner="v1"),
     Internal("vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadata",
              "PCT trees: per-request query_start_loc, seq_lens, block_table", members=("__dataclass_fields__",),
-             fields=("num_actual_tokens", "query_start_loc", "seq_lens", "block_table"), runner="v1"),
+             fields=_ATTN_FIELDS, runner="trees"),
     Internal("vllm.triton_utils.dispatcher:register_kernels",
              "vLLM-CPU fix: a correct `expand_kernel` replaces the CPU override that drops its output "
              "(cpu_fixes.py)", params=("overrides",)),
@@ -190,6 +211,10 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.config.compilation:CompilationConfig",
              "V2 early stop: no FULL CUDA graph over the draft steps (cudagraph_mode.decode_mode())",
              is_class=True, fields=("cudagraph_mode",), runner="v2"),
+    Internal("vllm.config.compilation:CompilationConfig",
+             "PCT trees: at load every attention layer of static_forward_context (name -> layer with .impl, "
+             ".kv_cache) is checked for a backend specx wraps, and cudagraph_mode for FULL decode graphs "
+             "(tree_step.tree_attention_problem)", is_class=True, fields=("cudagraph_mode", "static_forward_context")),
     Internal("vllm.config.speculative:SpeculativeConfig",
              "specx is requested through method='eagle3' + a drafter folder; prefix_cache.py reads "
              "draft_model_config.architectures; early stop refuses vLLM's own adaptive verification (V2)",

@@ -270,12 +270,12 @@ class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
         are not in its KV cache (PCT expansion below runner-up tokens): row r continues the chain of its
         request whose drafter cache holds positions < slots[r] (block_table [R, max_blocks], that request's
         row), with parent_tokens[r] at position slots[r] and tokens[r] after it. Reads the cache, writes
-        nothing (vLLM-CPU's KV layout; trees run on CPU only, see tree_step.trees_supported)."""
+        nothing (the cache read through tree_step.kv_views: a backend trees support)."""
         from vllm_specx.core.tree_attention import branch_attention_paged
-        from vllm_specx.vllm_adapter.tree_step import cpu_kv_views
+        from vllm_specx.vllm_adapter.tree_step import kv_views
 
         attn = self.model.self_attn.attn
-        key_cache, value_cache = cpu_kv_views(attn.kv_cache, attn.isa)
+        key_cache, value_cache = kv_views(attn)
 
         def attend(q, k, v):
             return branch_attention_paged(q, k, v, key_cache, value_cache, block_table, slots,
@@ -334,17 +334,19 @@ def _draft_length_controller(vllm_config, runner: str, specx, vocab_mode: str):
         return None
     from vllm_specx.vllm_adapter.draft_length import install_runner_hooks, load_controller
 
-    from vllm_specx.vllm_adapter.tree_step import trees_verifiable
+    from vllm_specx.vllm_adapter.tree_step import tree_attention_problem, trees_verifiable
 
-    verifiable = trees_verifiable(getattr(speculative_config, "target_parallel_config", None))
+    single_worker = trees_verifiable(getattr(speculative_config, "target_parallel_config", None))
+    # attention backends and CUDA graphs: checked once here (the target's layers exist by now)
+    attention_problem = tree_attention_problem(vllm_config) if tree_settings(specx.tree) else None
     # V2 verifies trees whose runner-ups are leaves (the expansion pass below them is V1's)
-    tree = tree_settings(specx.tree, branches_verifiable=verifiable and runner == "v1")
+    tree = tree_settings(specx.tree, branches_verifiable=single_worker and attention_problem is None and runner == "v1")
     lookup = lookup_settings(specx.lookup)
-    if runner == "v2" and tree and not verifiable:
+    if tree and (attention_problem is not None or (runner == "v2" and not single_worker)):
         init_logger(__name__).warning(
-            "vllm-specx: the drafter drafts chains (early stop%s): its PCT trees are verified with vLLM-CPU's "
-            "attention backend on a single worker only (no tree attention backend for GPUs yet).",
-            " and prompt-lookup chains" if lookup else "")
+            "vllm-specx: the drafter drafts chains (early stop%s), not PCT trees: %s",
+            " and prompt-lookup chains" if lookup else "",
+            attention_problem or "trees are verified on a single worker (no tensor or pipeline parallelism)")
         tree = None
     controller = load_controller(folder, specx.early_stop, speculative_config.num_speculative_tokens, tree,
                                  vocab_mode, lookup)

@@ -1,4 +1,4 @@
-"""PCT tree verification inside vLLM's model runners (CPU attention backend): one target pass per tree.
+"""PCT tree verification inside vLLM's model runners: one target pass per tree.
 
 Written for the V1 runner (the CPU build's) below; the V2 runner's hooks (the GPU build's default, run on
 CPU by the tests) make the same four moves where V2 keeps the data, at the end of this module.
@@ -10,9 +10,12 @@ its shape waits here, by request id, for the step that verifies it:
   1. `_prepare_inputs` (wrapped): node i (node 0 = the root, the token sampled last step) keeps the
      KV slot vLLM computed from consecutive positions, base + i; its RoPE position becomes
      base + depth(i). The step's trees are published in `_STEP`.
-  2. attention (CPU backend `forward`, wrapped): during a tree step every request attends through
-     `core.tree_attention.tree_attention_paged` over the paged cache: its context plus those nodes
-     that are its ancestors-or-self (a request without a tree gets the causal mask: a chain).
+  2. attention (the backend's `forward`, wrapped: vLLM-CPU's on CPU, FlashAttention's and Triton
+     attention's on GPUs, see TREE_BACKENDS): during a tree step every request attends over the paged
+     cache to its context plus those nodes that are its ancestors-or-self (a request without a tree gets
+     the causal mask: a chain), through `core.tree_attention.tree_attention_paged` on CPU or the Triton
+     kernel of `kernels/tree_attention.py` on GPUs. No CUDA graph may replay a tree step's attention
+     (FULL decode graphs are refused at load; PIECEWISE graphs run attention eagerly).
   3. `_sample` (wrapped): vLLM's sampler runs for every request, then each tree request's row is
      replaced by the walk over its tree: greedy (`core.tree_verify.greedy_accept`) or, for requests
      sampled at a temperature, multi-candidate recursive rejection sampling with point-mass candidates
@@ -64,7 +67,8 @@ class _Step:
     _mask_key: tuple | None = None
     _mask: torch.Tensor | None = None
     stats: dict = field(default_factory=dict)
-    caches: list = field(default_factory=list)  # every KV cache attended through tree masks this step
+    caches: list = field(default_factory=list)  # (K, V) views of every cache attended through tree masks
+    _attention_args: dict = field(default_factory=dict)  # id(attn metadata) -> `attention_args`
 
     def tree_mask(self, n_q: list[int]) -> torch.Tensor:
         """[B, N, N] ancestor-or-self masks; causal (a chain) for requests without a tree."""
@@ -78,6 +82,19 @@ class _Step:
                 mask[i, :m, :m] = anc
             self._mask_key, self._mask = key, mask
         return self._mask
+
+    def attention_args(self, attn_metadata, device: torch.device):
+        """(query_start_loc [B+1] int64, context lens [B], block table [B, max_blocks], ancestor masks
+        [B, N, N]) of this step's attention metadata, computed once per step (one host sync), not per layer."""
+        key = id(attn_metadata)
+        if key not in self._attention_args:
+            num_reqs = attn_metadata.seq_lens.shape[0]
+            qsl = attn_metadata.query_start_loc.long()[: num_reqs + 1]
+            n_q = qsl[1:] - qsl[:-1]
+            ctx = attn_metadata.seq_lens.long() - n_q
+            mask = self.tree_mask(n_q.tolist()).to(device)
+            self._attention_args[key] = (qsl, ctx, attn_metadata.block_table[:num_reqs], mask)
+        return self._attention_args[key]
 
 
 # Tree attention: "torch" (core.tree_attention, the CPU implementation) or "triton" (kernels/tree_attention.py:
@@ -111,14 +128,15 @@ def trees_supported(runner) -> bool:
 
 
 def trees_verifiable(parallel_config, async_scheduling: bool = False) -> bool:
-    """Tree steps need vLLM-CPU's attention backend (the one specx wraps), synchronous scheduling and a
-    single worker: with tensor/pipeline parallelism only the output rank takes the draft lists, so the
-    other ranks would not know the tree shape (not built yet: those deployments draft chains)."""
+    """Tree steps need a CPU or CUDA platform (with an attention backend specx wraps:
+    `tree_attention_problem`, checked when the drafter loads), synchronous scheduling and a single worker:
+    with tensor/pipeline parallelism only the output rank takes the draft lists, so the other ranks would
+    not know the tree shape (not built yet: those deployments draft chains)."""
     from vllm.platforms import current_platform
 
     par = parallel_config
     single = par is None or (par.tensor_parallel_size == 1 and par.pipeline_parallel_size == 1)
-    return current_platform.is_cpu() and not async_scheduling and single
+    return (current_platform.is_cpu() or current_platform.is_cuda()) and not async_scheduling and single
 
 
 def tree_eligible(sampling_params, has_structured_output: bool = False) -> bool:
@@ -180,46 +198,69 @@ def _wrap_prepare_inputs(orig):
     return _prepare_inputs
 
 
-def _wrap_attention_forward(orig):
+def _wrap_attention_forward(orig, kv_views):
+    """An attention backend's `forward(layer, query, key, value, kv_cache, attn_metadata, output)`: during a
+    tree step every request attends over its paged cache through its ancestor-or-self mask (a request
+    without a tree: the causal mask). kv_views(impl, layer, kv_cache) -> the cache's K and V as
+    [num_blocks, block_size, Hkv, D] views. The step's K/V are in the cache already: vLLM writes them
+    before forward in every wrapped backend (forward_includes_kv_cache_update is False, checked at load)."""
+
     @functools.wraps(orig)
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         step = _STEP[0]
         if step is None or not step.attending or attn_metadata is None or \
                 attn_metadata.num_actual_tokens != step.num_tokens:
             return orig(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
-        if self.is_fp8_kv_cache or self.alibi_slopes is not None or self.sliding_window not in (None, -1, (-1, -1)) \
-                or self.logits_soft_cap not in (None, 0, 0.0) or self.sinks is not None:
-            raise NotImplementedError("vllm-specx tree verification supports plain causal attention with an "
-                                      "unquantized KV cache only; disable trees (SPECX_TREE=0) for this model")
+        problem = plain_attention_problem(self)
+        if problem is not None:
+            raise NotImplementedError(f"vllm-specx tree verification: {problem}; disable trees (SPECX_TREE=0)")
         t = attn_metadata.num_actual_tokens
-        bs = kv_cache.shape[2]
-        key_cache, value_cache = cpu_kv_views(kv_cache, layer.isa)  # [nb, bs, Hkv, D] views
-        qsl = attn_metadata.query_start_loc.long()
-        num_reqs = attn_metadata.seq_lens.shape[0]
-        qsl = qsl[: num_reqs + 1]
-        n_q = (qsl[1:] - qsl[:-1]).tolist()
-        ctx = attn_metadata.seq_lens.long() - (qsl[1:] - qsl[:-1])
+        key_cache, value_cache = kv_views(self, layer, kv_cache)
+        qsl, ctx, block_table, mask = step.attention_args(attn_metadata, query.device)
         q = query[:t].view(t, -1, key_cache.shape[-1])
-        attend = tree_attention_paged
-        if ATTENTION_IMPL[0] == "triton":
-            from vllm_specx.kernels.tree_attention import tree_attention_triton as attend
-
-            STATS["triton_attention_calls"] += 1
-        out = attend(q, qsl, key_cache, value_cache, attn_metadata.block_table[:num_reqs], ctx,
-                     step.tree_mask(n_q), self.scale)
+        out = _attend(q, qsl, key_cache, value_cache, block_table, ctx, mask, self.scale)
         output[:t].view(t, -1).copy_(out.reshape(t, -1))
-        step.stats.update(block_table=attn_metadata.block_table, block_size=bs, isa=layer.isa)
-        step.caches.append(kv_cache)  # the target's layers, for the accepted path's KV move
+        step.stats.update(block_table=block_table, block_size=key_cache.shape[1])
+        step.caches.append((key_cache, value_cache))  # the target's layers, for the accepted path's KV move
         return output
 
     forward.__specx_tree__ = True
     return forward
 
 
+def _attend(q, qsl, key_cache, value_cache, block_table, ctx, mask, scale) -> torch.Tensor:
+    """The Triton kernel on GPUs (and on CPU when ATTENTION_IMPL says so: interpreted); else the torch code."""
+    if q.is_cuda or ATTENTION_IMPL[0] == "triton":
+        from vllm_specx.kernels.tree_attention import tree_attention_triton
+
+        STATS["triton_attention_calls"] += 1
+        return tree_attention_triton(q, qsl, key_cache, value_cache, block_table, ctx, mask, scale)
+    return tree_attention_paged(q, qsl, key_cache, value_cache, block_table, ctx, mask, scale)
+
+
+def plain_attention_problem(impl) -> str | None:
+    """Why an attention layer's impl cannot attend through tree masks (None: it can): specx's tree
+    attention is plain softmax attention over an unquantized paged cache."""
+    dtype = str(getattr(impl, "kv_cache_dtype", "auto"))
+    if dtype.startswith(("fp8", "int", "nvfp", "turbo", "ultra")) or getattr(impl, "is_fp8_kv_cache", False):
+        return f"quantized KV cache ({dtype}) is not supported"
+    if getattr(impl, "alibi_slopes", None) is not None:
+        return "ALiBi attention is not supported"
+    if getattr(impl, "sliding_window", None) not in (None, -1, (-1, -1)):
+        return "sliding-window attention is not supported"
+    if getattr(impl, "logits_soft_cap", None) not in (None, 0, 0.0):
+        return "attention logit soft-capping is not supported"
+    if getattr(impl, "sinks", None) is not None:
+        return "attention sinks are not supported"
+    if getattr(impl, "dcp_world_size", 1) > 1:
+        return "decode context parallelism is not supported"
+    return None
+
+
 def _check_attended(step: _Step) -> None:
     if "block_table" not in step.stats:  # never verify a tree that was attended as a chain
-        raise RuntimeError("vllm-specx: a tree step ran without specx's tree attention (attention backend "
-                           "is not vLLM-CPU's); set SPECX_TREE=0")
+        raise RuntimeError("vllm-specx: a tree step ran without specx's tree attention (an attention backend "
+                           "specx does not wrap, or a CUDA graph replayed it); set SPECX_TREE=0")
 
 
 def _wrap_sample(orig):
@@ -277,6 +318,9 @@ def _walk(row: _TreeRow, node_logits: torch.Tensor, temperature: float, generato
     if temperature < 1e-5:
         return greedy_accept(row.tokens[None], row.parents[None], valid, node_logits.argmax(-1).cpu()[None])
     STATS["sampled_tree_requests"] += 1
+    if generator is not None and generator.device.type != "cpu":
+        # the walk draws on the host: a host generator seeded from the request's (a CUDA one under V1 on GPUs)
+        generator = torch.Generator().manual_seed((generator.initial_seed() * 1_000_003 + row.base) % (1 << 63))
     probs = torch.softmax(node_logits.float().cpu() / temperature, dim=-1)
     return sample_accept(row.tokens[None], row.parents[None], valid, probs[None], generator=generator)
 
@@ -295,15 +339,16 @@ def _move_path_kv(step: _Step) -> None:
         return
 
     def slots(pairs):
-        req = torch.tensor([r for r, _ in pairs])
-        pos = torch.tensor([p for _, p in pairs])
+        req = torch.tensor([r for r, _ in pairs], device=block_table.device)
+        pos = torch.tensor([p for _, p in pairs], device=block_table.device)
         return block_table[req, pos // bs].long(), pos % bs
 
     (sb, so), (db, do) = slots(src), slots(dst)
-    for cache in _distinct(step.caches):
-        if cache.dim() != 4 or cache.shape[2] != bs:
+    seen = set()
+    for k_view, v_view in step.caches:
+        if k_view.data_ptr() in seen or k_view.shape[1] != bs:
             continue
-        k_view, v_view = cpu_kv_views(cache, step.stats["isa"])
+        seen.add(k_view.data_ptr())
         k, v = k_view[sb, so].clone(), v_view[sb, so].clone()  # gather all first: sources never clobbered
         k_view[db, do] = k
         v_view[db, do] = v
@@ -322,6 +367,79 @@ def cpu_kv_views(kv_cache: torch.Tensor, isa: str) -> tuple[torch.Tensor, torch.
     kv = kv_cache.view(nb, kvh, 2 * bs, d)
     k = kv.as_strided((nb, kvh, d, bs), (kv.stride(0), kv.stride(1), bs, 1), kv.storage_offset())
     return k.permute(0, 3, 1, 2), kv[:, :, bs:].permute(0, 2, 1, 3)
+
+
+def gpu_kv_views(impl, layer, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the GPU backends' paged cache (FlashAttention, Triton attention: logical [num_blocks,
+    Hkv, block_size, 2*D], K then V along the last dim, any physical stride order) as [num_blocks,
+    block_size, Hkv, D] views: the views their own forward and cache writer take."""
+    key_cache, value_cache = kv_cache.transpose(1, 2).split(impl.head_size, dim=-1)
+    return key_cache, value_cache
+
+
+def _cpu_backend_views(impl, layer, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return cpu_kv_views(kv_cache, layer.isa)
+
+
+# Attention backends whose forward a tree step runs through specx's tree attention, per platform:
+# (module, impl class, its cache's K/V views). Checked in compat.py (entries marked runner="trees").
+TREE_BACKENDS = {
+    "cpu": (("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl", _cpu_backend_views),),
+    "cuda": (("vllm.v1.attention.backends.flash_attn", "FlashAttentionImpl", gpu_kv_views),
+             ("vllm.v1.attention.backends.triton_attn", "TritonAttentionImpl", gpu_kv_views)),
+}
+
+
+def _platform() -> str:
+    from vllm.platforms import current_platform
+
+    return "cpu" if current_platform.is_cpu() else "cuda" if current_platform.is_cuda() else "other"
+
+
+def _backend_entry(impl):
+    """impl's entry in TREE_BACKENDS (any platform; by class, subclasses included), or None."""
+    mro = {(c.__module__, c.__name__) for c in type(impl).__mro__}
+    return next((e for entries in TREE_BACKENDS.values() for e in entries if e[:2] in mro), None)
+
+
+def kv_views(attn_layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """An attention layer's own paged cache (attn_layer.kv_cache, bound by vLLM) as K and V views
+    [num_blocks, block_size, Hkv, D], for a backend in TREE_BACKENDS."""
+    entry = _backend_entry(attn_layer.impl)
+    if entry is None:
+        raise NotImplementedError(f"vllm-specx trees: no KV layout known for {type(attn_layer.impl).__name__}")
+    return entry[2](attn_layer.impl, attn_layer, attn_layer.kv_cache)
+
+
+def tree_attention_problem(vllm_config) -> str | None:
+    """Why this engine's target cannot verify trees (None: it can): every attention layer must use a
+    backend in TREE_BACKENDS for this platform with plain attention (`plain_attention_problem`), and
+    no CUDA graph may replay a tree step's attention (FULL decode graphs; PIECEWISE runs attention eagerly)."""
+    import importlib
+
+    platform = _platform()
+    if platform not in TREE_BACKENDS:
+        return f"no tree attention backend for this platform ({platform})"
+    if platform == "cuda":
+        mode = vllm_config.compilation_config.cudagraph_mode
+        if mode is not None and mode.decode_mode().name == "FULL":
+            return ("FULL CUDA graphs replay decode steps' attention; pass compilation_config="
+                    "{'cudagraph_mode': 'PIECEWISE'} (or enforce_eager=True) for trees")
+    classes = tuple(getattr(importlib.import_module(m), n) for m, n, _ in TREE_BACKENDS[platform])
+    layers = vllm_config.compilation_config.static_forward_context
+    for name, layer in layers.items():
+        impl = getattr(layer, "impl", None)
+        if impl is None or not hasattr(layer, "kv_cache"):
+            continue  # not an attention layer with a paged cache (e.g. Mamba state)
+        if not isinstance(impl, classes):
+            return (f"layer {name} uses {type(impl).__name__}; trees need {' or '.join(c.__name__ for c in classes)} "
+                    f"(attention_config={{'backend': 'FLASH_ATTN'}} or 'TRITON_ATTN' on GPUs)")
+        if getattr(getattr(layer, "attn_backend", None), "forward_includes_kv_cache_update", False):
+            return f"layer {name}'s backend writes its KV cache inside forward (specx expects it written before)"
+        problem = plain_attention_problem(impl)
+        if problem is not None:
+            return f"layer {name}: {problem}"
+    return None
 
 
 def _accepted_path_first(step: _Step | None, tensors) -> None:
@@ -474,30 +592,36 @@ def _wrap_v2_propose(orig):
     return propose
 
 
-def install_tree_hooks(runner: str = "v1") -> None:
-    """Idempotent. Inert unless a tree was registered (`register_tree`). runner: "v1" or "v2"."""
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+def install_tree_hooks(runner: str = "v1", platform: str | None = None) -> None:
+    """Idempotent. Inert unless a tree was registered (`register_tree`). runner: "v1" or "v2"; platform:
+    whose attention backends to wrap (TREE_BACKENDS; default: this one's)."""
+    import importlib
 
+    from vllm_specx.vllm_adapter.compat import INTERNALS, check_vllm_internals
+
+    platform = platform or _platform()
+    backends = TREE_BACKENDS.get(platform, ())
+    # the load-time check covers the runner's entries; the attention backends' are checked here
+    check_vllm_internals(tuple(e for e in INTERNALS if e.runner == "trees"
+                               and e.path.split(":")[0] in {m for m, _, _ in backends}))
     if runner == "v2":
         from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
-
-        from vllm_specx.vllm_adapter.compat import INTERNALS, check_vllm_internals
-
-        # the load-time check under V2 skips V1-runner entries; the CPU attention backend's are relied on here too
-        check_vllm_internals(tuple(e for e in INTERNALS if ".cpu_attn:" in e.path))
         from vllm.v1.worker.gpu.spec_decode.rejection_sampler import RejectionSampler
         from vllm.v1.worker.gpu.spec_decode.target_dependent_ar.speculator import TargetDependentARSpeculator
 
-        hooks = ((V2Runner, "add_requests", _wrap_v2_add_requests),
+        hooks = [(V2Runner, "add_requests", _wrap_v2_add_requests),
                  (V2Runner, "prepare_attn", _wrap_v2_prepare_attn),
                  (RejectionSampler, "__call__", _wrap_v2_rejection_sample),
-                 (TargetDependentARSpeculator, "propose", _wrap_v2_propose))
+                 (TargetDependentARSpeculator, "propose", _wrap_v2_propose)]
     else:
         from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-        hooks = ((GPUModelRunner, "_prepare_inputs", _wrap_prepare_inputs),
+        hooks = [(GPUModelRunner, "_prepare_inputs", _wrap_prepare_inputs),
                  (GPUModelRunner, "_sample", _wrap_sample),
-                 (GPUModelRunner, "propose_draft_token_ids", _wrap_propose_draft_token_ids))
-    for owner, name, wrap in (*hooks, (CPUAttentionBackendImpl, "forward", _wrap_attention_forward)):
+                 (GPUModelRunner, "propose_draft_token_ids", _wrap_propose_draft_token_ids)]
+    for module, name, views in backends:
+        hooks.append((getattr(importlib.import_module(module), name), "forward",
+                      functools.partial(_wrap_attention_forward, kv_views=views)))
+    for owner, name, wrap in hooks:
         if not getattr(getattr(owner, name), "__specx_tree__", False):
             setattr(owner, name, wrap(getattr(owner, name)))
