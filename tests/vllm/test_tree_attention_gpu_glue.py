@@ -77,6 +77,10 @@ def test_tree_attention_problem_names_the_layer_and_the_fix_on_gpus(on_cuda):
 
     problem = tree_step.tree_attention_problem(_vllm_config({"a": fa, "model.layers.1.attn": FlashInferImpl()}))
     assert "model.layers.1.attn" in problem and "FlashInferImpl" in problem and "FLASH_ATTN" in problem
+    cfg = _vllm_config({"a": fa})
+    cfg.compilation_config.static_forward_context["a"].attn_backend = SimpleNamespace(
+        forward_includes_kv_cache_update=True)  # K/V written inside forward: not there when specx attends
+    assert "writes its KV cache inside forward" in tree_step.tree_attention_problem(cfg)
     for attrs, words in (({"sliding_window": (127, 0)}, "sliding-window"), ({"kv_cache_dtype": "fp8_e4m3"}, "quantized"),
                          ({"sinks": torch.zeros(4)}, "sinks"), ({"logits_soft_cap": 30.0}, "soft-capping"),
                          ({"dcp_world_size": 2}, "context parallelism")):

@@ -247,6 +247,7 @@ def test_v2_runner_skips_drafting_where_the_cost_model_says_it_does_not_pay(tiny
     _assert_drafts_like_v1("cost_model_batch_1", v2_runs, drafters, tiny_target, monkeypatch, None)
 
 
+@pytest.mark.slow  # ~1 min with its V1 run; V1's lookup tests (test_lookup.py) are in the default suite
 def test_v2_runner_verifies_prompt_lookup_chains_like_v1(tiny_target, tiny_plain_outputs, drafters, v2_runs,
                                                         monkeypatch):
     """Lookup chains under V2: searched in V2's own token history (`V2TokenHistory`), written into its

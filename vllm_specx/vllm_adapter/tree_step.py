@@ -211,10 +211,7 @@ def _wrap_attention_forward(orig, kv_views):
         if step is None or not step.attending or attn_metadata is None or \
                 attn_metadata.num_actual_tokens != step.num_tokens:
             return orig(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
-        problem = plain_attention_problem(self)
-        if problem is not None:
-            raise NotImplementedError(f"vllm-specx tree verification: {problem}; disable trees (SPECX_TREE=0)")
-        t = attn_metadata.num_actual_tokens
+        t = attn_metadata.num_actual_tokens  # (plain attention: every layer checked at load, tree_attention_problem)
         key_cache, value_cache = kv_views(self, layer, kv_cache)
         qsl, ctx, block_table, mask = step.attention_args(attn_metadata, query.device)
         q = query[:t].view(t, -1, key_cache.shape[-1])
