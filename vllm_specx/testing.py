@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -101,16 +102,35 @@ def read_spec_metrics(llm) -> SpecMetrics:
 
 
 def make_llm(model: str, speculative_config: dict | None = None, **kwargs: Any):
-    """A real vLLM engine with test-friendly defaults (eager, fp32, small KV cache on CPU)."""
+    """A real vLLM engine with test-friendly defaults (eager, fp32, small KV cache on CPU).
+    SPECX_LLM_KWARGS (a JSON object) overrides engine arguments for every engine a benchmark, calibration
+    or demo starts, e.g. on a GPU '{"enforce_eager": false, "async_scheduling": false,
+    "compilation_config": {"cudagraph_mode": "PIECEWISE"}, "dtype": "bfloat16"}'."""
     for k, v in DEFAULT_ENV.items():
         os.environ.setdefault(k, v)
     from vllm import LLM
 
     opts = dict(max_model_len=1024, enforce_eager=True, dtype="float32", disable_log_stats=False, seed=0)
     opts.update(kwargs)
+    opts.update(llm_kwargs_from_env())
     if speculative_config is not None:
         opts["speculative_config"] = speculative_config
     return LLM(model, **opts)
+
+
+def llm_kwargs_from_env() -> dict:
+    """SPECX_LLM_KWARGS as a dict ({} when unset); a clear error when it is not a JSON object."""
+    raw = os.environ.get("SPECX_LLM_KWARGS", "").strip()
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"SPECX_LLM_KWARGS is not valid JSON ({e}): give a JSON object of vLLM engine "
+                         "arguments, e.g. '{\"enforce_eager\": false}'") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"SPECX_LLM_KWARGS must be a JSON object of vLLM engine arguments, got {raw!r}")
+    return value
 
 
 def generate(llm, prompts: list, max_tokens: int = 64, temperature: float = 0.0, seed: int | None = 0,
