@@ -69,6 +69,7 @@ def test_tree_attention_problem_names_the_layer_and_the_fix_on_gpus(on_cuda):
     fa, triton_impl = _impl(FlashAttentionImpl), _impl(TritonAttentionImpl)
     assert tree_step.tree_attention_problem(_vllm_config({"a": fa, "b": triton_impl})) is None
     assert tree_step.tree_attention_problem(_vllm_config({"a": fa}, cudagraph="NONE")) is None
+    assert "no attention layer" in tree_step.tree_attention_problem(_vllm_config({}))  # nothing seen: no pass
     problem = tree_step.tree_attention_problem(_vllm_config({"a": fa}, cudagraph="FULL_AND_PIECEWISE"))
     assert "FULL CUDA graphs" in problem and "PIECEWISE" in problem
 

@@ -424,10 +424,12 @@ def tree_attention_problem(vllm_config) -> str | None:
                     "{'cudagraph_mode': 'PIECEWISE'} (or enforce_eager=True) for trees")
     classes = tuple(getattr(importlib.import_module(m), n) for m, n, _ in TREE_BACKENDS[platform])
     layers = vllm_config.compilation_config.static_forward_context
+    checked = 0
     for name, layer in layers.items():
         impl = getattr(layer, "impl", None)
         if impl is None or not hasattr(layer, "kv_cache"):
             continue  # not an attention layer with a paged cache (e.g. Mamba state)
+        checked += 1
         if not isinstance(impl, classes):
             return (f"layer {name} uses {type(impl).__name__}; trees need {' or '.join(c.__name__ for c in classes)} "
                     f"(attention_config={{'backend': 'FLASH_ATTN'}} or 'TRITON_ATTN' on GPUs)")
@@ -436,6 +438,8 @@ def tree_attention_problem(vllm_config) -> str | None:
         problem = plain_attention_problem(impl)
         if problem is not None:
             return f"layer {name}: {problem}"
+    if not checked:  # never pass a check that saw nothing
+        return "no attention layer of the target is registered yet (vLLM's static_forward_context is empty)"
     return None
 
 
