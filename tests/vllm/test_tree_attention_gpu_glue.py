@@ -78,6 +78,11 @@ def test_tree_attention_problem_names_the_layer_and_the_fix_on_gpus(on_cuda):
 
     problem = tree_step.tree_attention_problem(_vllm_config({"a": fa, "model.layers.1.attn": FlashInferImpl()}))
     assert "model.layers.1.attn" in problem and "FlashInferImpl" in problem and "FLASH_ATTN" in problem
+
+    class DiffKVImpl(FlashAttentionImpl):  # a subclass may override forward or keep another cache layout
+        pass
+
+    assert "DiffKVImpl" in tree_step.tree_attention_problem(_vllm_config({"a": _impl(DiffKVImpl)}))
     cfg = _vllm_config({"a": fa})
     cfg.compilation_config.static_forward_context["a"].attn_backend = SimpleNamespace(
         forward_includes_kv_cache_update=True)  # K/V written inside forward: not there when specx attends

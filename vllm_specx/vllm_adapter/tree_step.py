@@ -394,9 +394,10 @@ def _platform() -> str:
 
 
 def _backend_entry(impl):
-    """impl's entry in TREE_BACKENDS (any platform; by class, subclasses included), or None."""
-    mro = {(c.__module__, c.__name__) for c in type(impl).__mro__}
-    return next((e for entries in TREE_BACKENDS.values() for e in entries if e[:2] in mro), None)
+    """impl's entry in TREE_BACKENDS (any platform), or None. By exact class: a subclass may override
+    forward (unwrapped) or keep another cache layout (e.g. FlashAttention's different-K/V-size variant)."""
+    key = (type(impl).__module__, type(impl).__name__)
+    return next((e for entries in TREE_BACKENDS.values() for e in entries if e[:2] == key), None)
 
 
 def kv_views(attn_layer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -430,7 +431,7 @@ def tree_attention_problem(vllm_config) -> str | None:
         if impl is None or not hasattr(layer, "kv_cache"):
             continue  # not an attention layer with a paged cache (e.g. Mamba state)
         checked += 1
-        if not isinstance(impl, classes):
+        if type(impl) not in classes:  # exact class: see _backend_entry
             return (f"layer {name} uses {type(impl).__name__}; trees need {' or '.join(c.__name__ for c in classes)} "
                     f"(attention_config={{'backend': 'FLASH_ATTN'}} or 'TRITON_ATTN' on GPUs)")
         if getattr(getattr(layer, "attn_backend", None), "forward_includes_kv_cache_update", False):
