@@ -208,12 +208,11 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.config.scheduler:SchedulerConfig",
              "early stop needs synchronous scheduling (async: K placeholders per request are verified)",
              is_class=True, fields=("async_scheduling",)),
+
     Internal("vllm.config.compilation:CompilationConfig",
-             "V2 early stop: no FULL CUDA graph over the draft steps (cudagraph_mode.decode_mode())",
-             is_class=True, fields=("cudagraph_mode",), runner="v2"),
-    Internal("vllm.config.compilation:CompilationConfig",
-             "PCT trees: at load every attention layer of static_forward_context (name -> layer with .impl, "
-             ".kv_cache) is checked for a backend specx wraps, and cudagraph_mode for FULL decode graphs "
+             "V2 early stop and PCT trees: no FULL CUDA graph over decode / draft steps "
+             "(cudagraph_mode.decode_mode()); trees: at load every attention layer of static_forward_context "
+             "(name -> layer with .impl, .kv_cache) is checked for a backend specx wraps "
              "(tree_step.tree_attention_problem)", is_class=True, fields=("cudagraph_mode", "static_forward_context")),
     Internal("vllm.config.speculative:SpeculativeConfig",
              "specx is requested through method='eagle3' + a drafter folder; prefix_cache.py reads "

@@ -341,11 +341,10 @@ def _move_path_kv(step: _Step) -> None:
         return block_table[req, pos // bs].long(), pos % bs
 
     (sb, so), (db, do) = slots(src), slots(dst)
-    seen = set()
-    for k_view, v_view in step.caches:
-        if k_view.data_ptr() in seen or k_view.shape[1] != bs:
+    layers = {k_view.data_ptr(): (k_view, v_view) for k_view, v_view in step.caches}  # each layer once
+    for k_view, v_view in layers.values():
+        if k_view.shape[1] != bs:
             continue
-        seen.add(k_view.data_ptr())
         k, v = k_view[sb, so].clone(), v_view[sb, so].clone()  # gather all first: sources never clobbered
         k_view[db, do] = k
         v_view[db, do] = v
