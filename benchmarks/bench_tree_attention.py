@@ -22,18 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from bench_lm_head import PEAK_BANDWIDTH, describe_machine, time_ms  # also puts the checkout on sys.path
 
 from vllm_specx.core.tree import build_tree_buffers
 from vllm_specx.kernels.tree_attention import tree_attention_reference, tree_attention_triton, triton_path_available
 
 HEADS = {"smollm2-135m": (9, 3, 64), "llama-8b": (32, 8, 128)}  # (query heads, KV heads, head dim)
-PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}
 BLOCK_SIZE = 16
 
 
@@ -59,21 +56,6 @@ def floor_bytes(batch: int, nodes: int, context: int, heads: tuple[int, int, int
     kv = batch * (context + nodes) * hkv * d * 2 * e
     q_and_out = 2 * batch * nodes * hq * d * e
     return kv + q_and_out + batch * nodes * nodes
-
-
-def time_ms(fn, device, iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def plot(rows: list[dict], meta: dict, path: Path) -> None:
@@ -117,7 +99,8 @@ def main(argv=None) -> None:
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
     iters = args.iters or (50 if on_gpu else 5)
-    name = torch.cuda.get_device_name(device) if on_gpu else platform.processor() or "CPU"
+    machine = describe_machine(device)
+    name = torch.cuda.get_device_name(device) if on_gpu else machine["cpu"]
     peak = args.peak_bandwidth or next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)
     use_kernel = on_gpu and triton_path_available(device)
     if on_gpu:
@@ -130,8 +113,8 @@ def main(argv=None) -> None:
         scale = 1 / math.sqrt(HEADS[heads][2])
         row = dict(heads=heads, batch=batch, nodes=nodes, context=context,
                    floor_bytes=floor_bytes(batch, nodes, context, HEADS[heads], dtype))
-        row["reference_ms"] = time_ms(lambda: tree_attention_reference(**case, scale=scale), device, iters, 2)
-        row["triton_ms"] = (time_ms(lambda: tree_attention_triton(**case, scale=scale), device, iters, 5)
+        row["reference_ms"] = time_ms(lambda: tree_attention_reference(**case, scale=scale), device, iters, 2)[0]
+        row["triton_ms"] = (time_ms(lambda: tree_attention_triton(**case, scale=scale), device, iters, 5)[0]
                             if use_kernel else None)
         row["floor_ms"] = row["floor_bytes"] / peak * 1e3 if peak else None
         if use_kernel:  # the timed kernel must compute the right thing
@@ -139,8 +122,8 @@ def main(argv=None) -> None:
             row["max_abs_error_vs_reference"] = float((tree_attention_triton(**case, scale=scale).float() - ref).abs().max())
         rows.append(row)
         print(json.dumps(row))
-    meta = dict(device=str(device), device_name=name, dtype=str(dtype).replace("torch.", ""), iters=iters,
-                statistic="median of `iters` timed calls after warm-up", block_size=BLOCK_SIZE,
+    meta = dict(device=str(device), device_name=name, machine=machine, dtype=str(dtype).replace("torch.", ""), iters=iters,
+                statistic="median of `iters` timed calls after warm-up (CUDA events on GPU)", block_size=BLOCK_SIZE,
                 peak_bandwidth_bytes_per_s=peak, heads={k: dict(zip(("query", "kv", "dim"), v)) for k, v in HEADS.items()},
                 kernel="triton" if use_kernel else None,
                 caveat=None if use_kernel else "no GPU: the Triton kernel is not timed (the interpreter is a "
