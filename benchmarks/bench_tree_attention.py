@@ -34,8 +34,8 @@ HEADS = {"smollm2-135m": (9, 3, 64), "llama-8b": (32, 8, 128)}  # (query heads, 
 BLOCK_SIZE = 16
 
 
-def make_case(batch: int, nodes: int, context: int, heads: tuple[int, int, int], dtype, device, seed: int = 0):
-    """Random trees of `nodes` nodes after `context` cached tokens, per request, over shuffled blocks."""
+def make_case(batch: int, nodes: int, context: int, heads: tuple[int, int, int], dtype, seed: int = 0):
+    """Random trees of `nodes` nodes after `context` cached tokens, per request, over shuffled blocks (on CPU)."""
     hq, hkv, d = heads
     g = torch.Generator().manual_seed(seed)
     parents = (torch.rand(batch, nodes, generator=g) * torch.arange(nodes)).long()  # parent of i in [0, i)
@@ -109,7 +109,7 @@ def main(argv=None) -> None:
         grid = [("smollm2-135m", b, n, c) for b in (1, 8) for n in (8, 32) for c in (256, 1024)]
     rows = []
     for heads, batch, nodes, context in grid:
-        case = {k: v.to(device) for k, v in make_case(batch, nodes, context, HEADS[heads], dtype, device).items()}
+        case = {k: v.to(device) for k, v in make_case(batch, nodes, context, HEADS[heads], dtype).items()}
         scale = 1 / math.sqrt(HEADS[heads][2])
         row = dict(heads=heads, batch=batch, nodes=nodes, context=context,
                    floor_bytes=floor_bytes(batch, nodes, context, HEADS[heads], dtype))

@@ -208,7 +208,6 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.config.scheduler:SchedulerConfig",
              "early stop needs synchronous scheduling (async: K placeholders per request are verified)",
              is_class=True, fields=("async_scheduling",)),
-
     Internal("vllm.config.compilation:CompilationConfig",
              "V2 early stop and PCT trees: no FULL CUDA graph over decode / draft steps "
              "(cudagraph_mode.decode_mode()); trees: at load every attention layer of static_forward_context "
