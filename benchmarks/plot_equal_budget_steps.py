@@ -30,7 +30,8 @@ TARGET_RATIO = 1.1
 
 
 def spec_bench_accept_len(file: str, method: str) -> float:
-    return json.loads((RESULTS / file).read_text())["runs"][method]["per_set"]["spec_bench"]["mean_acceptance_length"]
+    per_set = json.loads((RESULTS / file).read_text())["runs"][method]["per_set"]
+    return per_set["spec_bench"]["mean_acceptance_length"]
 
 
 def main() -> None:
