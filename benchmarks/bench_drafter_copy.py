@@ -13,7 +13,7 @@ for the same categories (a check that offline scoring and serving agree). Writes
 benchmarks/results/drafter_copy_<tag>.{json,png}.
 
   python benchmarks/bench_drafter_copy.py --work-dir /tmp/specx-eval --per-category 6 \
-      --vllm-json benchmarks/results/acceptance_drafter_data_smollm2_cpu.json --vllm-run edd_s7_k5@1
+      --vllm-json benchmarks/results/acceptance_drafter_data_smollm2_cpu.json --vllm-run edd_docs_k5@1
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--per-category", type=int, default=6)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--vllm-json", default=None)
-    ap.add_argument("--vllm-run", default="edd_s7_k5@1")
+    ap.add_argument("--vllm-run", default="edd_docs_k5@1")
     ap.add_argument("--tag", default="smollm2_cpu")
     args = ap.parse_args()
 

@@ -1,7 +1,7 @@
 """Serving benchmark: `vllm serve` (through `vllm-specx serve`) with and without speculation, under load.
 
   python benchmarks/bench_serve_load.py --concurrency 1 8 32 64 --methods none edd
-  (benchmarks/run_serve_load_smollm2_cpu.sh is the committed run)
+  (`python benchmarks/bench.py serve-low` and the other serve-* subcommands are the committed runs)
 
 Per method one server on 127.0.0.1; per concurrency level C, max(C, --min-requests) Spec-Bench chat
 requests (greedy, streaming) are sent with at most C in flight. Reports output throughput (tokens/s over

@@ -18,9 +18,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 OUT = RESULTS / "acceptance_equal_budget_steps_smollm2_cpu_intel.png"
 # (record set, drafter, training steps, results file, method key in it)
 RUNS = [
-    ("session-2 records", "EAGLE-3", 210, "acceptance_equal_budget_smollm2_cpu_intel.json", "eagle3@1"),
-    ("session-2 records", "EDD", 210, "acceptance_equal_budget_smollm2_cpu_intel.json", "edd_equal@1"),
-    ("session-2 records", "EDD", 504, "acceptance_equal_compute_smollm2_cpu_intel.json", "edd_504@1"),
+    ("Alpaca + code records", "EAGLE-3", 210, "acceptance_equal_budget_smollm2_cpu_intel.json", "eagle3@1"),
+    ("Alpaca + code records", "EDD", 210, "acceptance_equal_budget_smollm2_cpu_intel.json", "edd_equal@1"),
+    ("Alpaca + code records", "EDD", 504, "acceptance_equal_compute_smollm2_cpu_intel.json", "edd_504@1"),
     ("mixed records", "EAGLE-3", 210, "acceptance_equal_budget_mixed_smollm2_cpu_intel.json", "eagle3_mixed@1"),
     ("mixed records", "EDD", 210, "acceptance_equal_budget_mixed_smollm2_cpu_intel.json", "edd_mixed@1"),
     ("mixed records", "EAGLE-3", 504, "acceptance_equal_budget_mixed504_smollm2_cpu_intel.json", "eagle3_mixed@1"),
@@ -54,7 +54,7 @@ def main() -> None:
     ax_len.set_ylabel("Spec-Bench mean accepted length (K = 5)")
     ax_len.legend(fontsize=8)
 
-    for records, marker in (("session-2 records", "s"), ("mixed records", "o")):
+    for records, marker in (("Alpaca + code records", "s"), ("mixed records", "o")):
         edd, eagle3 = points.get((records, "EDD"), {}), points.get((records, "EAGLE-3"), {})
         steps = sorted(set(edd) & set(eagle3))
         if steps:

@@ -71,7 +71,7 @@ V2_RUNS = {"edd": ("edd", PROMPTS, MAX_TOKENS, {}),
            # 64 prompts in one batch (plain decoding's "many" reference: 64 prompts, 32 tokens)
            "edd_fixed_k_64": ("edd", many_prompts(64), 32, {}),
            "edd_lookup_64": ("edd_lookup", many_prompts(64), 32, {})}
-# fixed K is slow since session 22 (suite time): the default V2 tests run the same EDD model under V2 with
+# fixed K is slow (suite time): the default V2 tests run the same EDD model under V2 with
 # early stop and trees, each = plain and drafting like V1
 FIXED_K = [pytest.param("edd", marks=pytest.mark.slow), pytest.param("edd_speculative_vocab", marks=pytest.mark.slow)]
 EARLY_STOP = ["edd_early_stop_feedback"]

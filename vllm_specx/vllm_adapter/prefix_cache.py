@@ -10,7 +10,8 @@ EDD's drafter computes the key and value of slot s from the target's hidden stat
 at s + 1 enters only the query (`edd_model.EddAttention._rotated_qkv`). The prefix determines that hidden
 state, so the cached entry is the one a fresh prefill would write, and the drop only makes the target
 recompute up to a block per hit: in a 64-in-flight stream of Spec-Bench chats with resent prompts, 12.6 %
-more target tokens than the same server without speculation (benchmarks/results/serve_*_s17.json).
+more target tokens than the same server without speculation
+(benchmarks/results/serve_c64_stream_smollm2_cpu_intel.json).
 Greedy output does not depend on it either way (the target verifies every draft).
 
 The wrapper answers False only for a specx EDD drafter; every other method gets vLLM's own answer.
