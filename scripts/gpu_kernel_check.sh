@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # specx's Triton kernels compiled on a GPU, in one short call, with no vLLM: the device machines of this
 # workplace have CUDA torch + Triton but no vLLM, and the official vLLM cannot be brought there within
-# their limits (README, "GPU runs"). What it checks needs only the engine-free code:
+# their limits (README, "Limitations and known problems"). What it checks needs only the engine-free code:
 #   - tests/kernels + tests/core with the `gpu` tests included: the tree-attention kernel and the top-k
 #     LM-head kernel compiled (not interpreted) against their torch references, realistic sizes included;
 #   - benchmarks/bench_lm_head.py: SpecVocab's head against the full head + top-k and the fixed 32k head,

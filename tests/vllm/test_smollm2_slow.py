@@ -58,7 +58,7 @@ def test_bundled_edd_equals_plain_on_smollm2_60_prompts(monkeypatch):
         assert res.metrics.num_accepted_tokens > 0.05 * res.metrics.num_drafts, (mode, res.metrics)
 
 
-# PCT trees where a verified node is cheap: the README's what-if node threshold (the cost model keeps no
+# PCT trees where a verified node is cheap: the what-if node threshold of docs/benchmarks.md (the cost model keeps no
 # runner-up on this CPU), runner-ups as leaves (V2 does not expand them)
 V2_PCT_ENV = {"SPECX_TREE": "1", "SPECX_NODE_THRESHOLD": "0.05", "SPECX_EXPAND_CHILDREN": "0"}
 
