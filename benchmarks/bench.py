@@ -53,6 +53,7 @@ class Bench:
     output: str | None = None  # result file pattern under benchmarks/results/, "{tag}" filled in
     needs_env: tuple[str, ...] = ()  # environment variables the arguments read as {NAME}
     prepare: Callable[[dict[str, str]], None] | None = None  # fills more {NAME} values before the run
+    provides: tuple[str, ...] = ()  # the {NAME} values `prepare` fills (shown as $NAME by --dry-run)
 
 
 def spec(model: str, k: int, env: dict[str, str] | None = None, **extra) -> str:
@@ -141,7 +142,8 @@ REGISTRY: dict[str, Bench] = {
               "--batch-sizes", "1", "--max-tokens", "64", "--k", "5"])],
         "the bundled drafter with and without its document-task fine-tune (the older one from git, or "
         "$OLD_DRAFTER), fixed K=5 and as shipped",
-        tag="drafter_data_smollm2_cpu", output="acceptance_{tag}.json", prepare=_old_drafter),
+        tag="drafter_data_smollm2_cpu", output="acceptance_{tag}.json", prepare=_old_drafter,
+        provides=("OLD_DRAFTER",)),
     # --- early stop (MCSD) and draft length ---
     "dynamic": Bench(
         "bench_acceptance.py",
@@ -309,14 +311,19 @@ def packages() -> dict[str, str]:
     return found
 
 
-def commands(bench: Bench, tag: str | None, extra: list[str]) -> list[tuple[list[str], dict[str, str], str | None]]:
-    """(argv after the interpreter, extra env, result path) per run, placeholders filled."""
+def commands(bench: Bench, tag: str | None, extra: list[str],
+             dry_run: bool = False) -> list[tuple[list[str], dict[str, str], str | None]]:
+    """(argv after the interpreter, extra env, result path) per run, placeholders filled (with a dry run,
+    values not given are shown as $NAME and nothing is prepared)."""
     values = {name: os.environ.get(name, "") for name in bench.needs_env}
     values.setdefault("DRAFTER", os.environ.get("DRAFTER", DRAFTER))
     missing = [name for name in bench.needs_env if not values[name]]
-    if missing:
+    if dry_run:
+        values.update({name: "$" + name for name in missing})
+        values.update({name: os.environ.get(name) or "$" + name for name in bench.provides})
+    elif missing:
         raise SystemExit(f"this benchmark needs {', '.join('$' + n for n in missing)} (see its --help)")
-    if bench.prepare is not None:
+    elif bench.prepare is not None:
         bench.prepare(values)
     out = []
     for run in bench.runs:
@@ -370,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser().parse_known_args(argv)
     bench = REGISTRY[args.name]
     status = 0
-    for script_argv, env, result in commands(bench, getattr(args, "tag", None), extra):
+    for script_argv, env, result in commands(bench, getattr(args, "tag", None), extra, args.dry_run):
         line = shell_line(script_argv, env)
         if args.dry_run:
             print(line)
