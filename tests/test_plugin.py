@@ -30,8 +30,8 @@ def test_register_is_idempotent_and_only_adds_names():
     plugin.register()
     plugin.register()
     added_archs = set(ModelRegistry.get_supported_archs()) - archs_before
-    assert added_archs <= {"SpecxEddForCausalLM"}
-    assert "SpecxEddForCausalLM" in ModelRegistry.get_supported_archs()
+    assert added_archs <= {"SpecxEddForCausalLM", "SpecxGemma3ForCausalLM"}
+    assert {"SpecxEddForCausalLM", "SpecxGemma3ForCausalLM"} <= set(ModelRegistry.get_supported_archs())
     assert {k: v for k, v in SUPPORTED_SPECULATORS_TYPES.items() if k in algos_before} == algos_before
     assert set(SUPPORTED_SPECULATORS_TYPES) - set(algos_before) <= {"specx_edd"}
     # nothing in vLLM was patched but one method, wrapped once, whose answer changes only for EDD drafters
@@ -61,7 +61,7 @@ def test_register_imports_no_model_code():
         import sys
         from vllm_specx.plugin import register
         register()
-        heavy = [m for m in ("vllm_specx.vllm_adapter.edd_model", "vllm.model_executor.models.llama_eagle3") if m in sys.modules]
+        heavy = [m for m in ("vllm_specx.vllm_adapter.edd_model", "vllm_specx.vllm_adapter.gemma3_eagle3", "vllm.model_executor.models.llama_eagle3") if m in sys.modules]
         print("HEAVY", heavy)
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -123,7 +123,7 @@ def test_internals_check_only_what_the_runner_in_use_needs():
     """A drafter under the V1 runner must not be refused because a V2-only internal moved (and vice versa)."""
     from vllm_specx.vllm_adapter.compat import INTERNALS, Internal, VllmCompatError, check_vllm_internals
 
-    assert {e.runner for e in INTERNALS} == {"any", "v1", "v2", "trees"}
+    assert {e.runner for e in INTERNALS} == {"any", "v1", "v2", "trees", "gemma3"}
     v2_gone = (Internal("vllm.v1.worker.gpu.no_such_module:Speculator", "test", runner="v2"),)
     check_vllm_internals(v2_gone, runner="v1")
     # the attention backends trees wrap are checked when the tree hooks install, on their platform only

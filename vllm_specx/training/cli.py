@@ -28,7 +28,8 @@ STAGES = ("data", "record", "fit", "export", "early-stop", "vocab", "lookup")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--target", default="smollm2", help="HF folder of the target, or 'smollm2' (default)")
+    parser.add_argument("--target", default="smollm2",
+                        help="HF folder of the target, or 'smollm2' (default) or 'gemma3' (Gemma-3-270M base)")
     parser.add_argument("--work-dir", required=True, help="where data, records and training state live")
     parser.add_argument("--out", required=True, help="checkpoint folder to write")
     parser.add_argument("--stages", default="data,record,fit,export", help=f"comma list of {STAGES}")
@@ -87,14 +88,11 @@ def run(args) -> int:
         raise SystemExit("--init-from starts an EDD drafter from an exported one: use it with --drafter edd")
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    if args.target == "smollm2":
-        from vllm_specx.models import smollm2_path
+    from vllm_specx.models import NAMED_TARGETS, resolve_target
 
-        target = str(smollm2_path())
-    else:
-        target = args.target
-        if not (Path(target) / "config.json").exists():
-            raise SystemExit(f"--target {target} has no config.json: give an HF model folder or 'smollm2'")
+    target = resolve_target(args.target)
+    if args.target not in NAMED_TARGETS and not (Path(target) / "config.json").exists():
+        raise SystemExit(f"--target {target} has no config.json: give an HF model folder, 'smollm2' or 'gemma3'")
     target_cfg = AutoConfig.from_pretrained(target)
     arch = default_arch_for_target(target_cfg)
     aux_ids = eagle3_aux_layer_ids(target_cfg.num_hidden_layers)

@@ -138,7 +138,7 @@ def eagle3_aux_layer_ids(num_layers: int) -> list[int]:
     """EAGLE-3's low / middle / high target layers (vLLM numbering: the input of layer id)."""
     if num_layers < 6:  # too shallow for three distinct layers (vLLM de-duplicates repeated ids)
         return list(range(num_layers))
-    return [2, num_layers // 2, num_layers - 3]
+    return sorted({2, num_layers // 2, num_layers - 3})  # 6 layers: [2, 3]
 
 
 def random_eagle3_checkpoint(target_dir: str | Path, out_dir: str | Path, seed: int = 0,

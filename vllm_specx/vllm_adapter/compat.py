@@ -22,6 +22,7 @@ class Internal:
     members: tuple[str, ...] = ()  # attributes a class or module object must have
     is_class: bool = False
     runner: str = "any"  # "v1" / "v2": only that model runner relies on it (GPU default: v2; CPU: v1);
+    # "gemma3": only a SpecxGemma3ForCausalLM target relies on it, checked when gemma3_eagle3.py is imported;
     # "trees": an attention backend PCT trees wrap, checked when the tree hooks install on its platform
     fields: tuple[str, ...] = ()  # dataclass fields that must exist
 
@@ -218,6 +219,47 @@ INTERNALS: tuple[Internal, ...] = (
              "draft_model_config.architectures; early stop refuses vLLM's own adaptive verification (V2)",
              is_class=True, members=("use_eagle",),
              fields=("draft_model_config", "disable_eagle_block_drop", "enable_adaptive_verification")),
+    # Gemma-3 targets with EAGLE-3 auxiliary hidden states (gemma3_eagle3.py, runner "gemma3": checked when
+    # that module is imported, i.e. only when a SpecxGemma3ForCausalLM target is built)
+    Internal("vllm.model_executor.models.gemma3:Gemma3ForCausalLM",
+             "SpecxGemma3ForCausalLM subclasses it and repeats its __init__ (model, lm_head tied to "
+             "model.embed_tokens, logits_processor with final_logit_softcapping, make_empty_intermediate_tensors) "
+             "with SpecxGemma3Model as .model", is_class=True,
+             members=("forward", "compute_logits", "load_weights", "embed_input_ids", "hf_to_vllm_mapper",
+                      "packed_modules_mapping"), runner="gemma3"),
+    Internal("vllm.model_executor.models.gemma3:Gemma3ForCausalLM.__init__",
+             "repeated by SpecxGemma3ForCausalLM, which builds SpecxGemma3Model(vllm_config=, prefix=) (vLLM's "
+             "Gemma3Model sets embed_tokens, layers, start_layer, end_layer, norm)",
+             params=("self", "vllm_config", "prefix"), runner="gemma3"),
+    Internal("vllm.model_executor.models.gemma3:Gemma3Model.forward",
+             "SpecxGemma3Model.forward repeats it with the auxiliary hidden states collected",
+             params=("self", "input_ids", "positions", "intermediate_tensors", "inputs_embeds"), runner="gemma3"),
+    Internal("vllm.model_executor.models.gemma3:Gemma3Model",
+             "scaled embedding and final norm(hidden_states, residual) -> (out, _)", is_class=True,
+             members=("embed_input_ids", "load_weights"), runner="gemma3"),
+    Internal("vllm.model_executor.models.gemma3:Gemma3DecoderLayer.forward",
+             "returns (hidden_states, residual) whose sum is the layer's output (the residual stream read as "
+             "the next layer's auxiliary hidden state)", params=("self", "positions", "hidden_states", "residual"),
+             runner="gemma3"),
+    Internal("vllm.model_executor.models.interfaces:EagleModelMixin",
+             "SpecxGemma3Model collects aux hidden states as vLLM's Llama does (layer id i: input of layer i)",
+             is_class=True, members=("_maybe_add_hidden_state", "_set_aux_hidden_state_layers",
+                                     "aux_hidden_state_layers"), runner="gemma3"),
+    Internal("vllm.model_executor.models.interfaces:SupportsEagle3",
+             "SpecxGemma3ForCausalLM declares it; vLLM's runner calls set_aux_hidden_state_layers on it",
+             is_class=True, members=("supports_eagle3", "set_aux_hidden_state_layers",
+                                     "get_eagle3_default_aux_hidden_state_layers"), runner="gemma3"),
+    Internal("vllm.model_executor.layers.vocab_parallel_embedding:ParallelLMHead.__init__",
+             "SpecxGemma3ForCausalLM's LM head (tied to the embedding with tie_weights)",
+             params=("self", "num_embeddings", "embedding_dim"), runner="gemma3"),
+    Internal("vllm.model_executor.layers.vocab_parallel_embedding:ParallelLMHead",
+             "SpecxGemma3ForCausalLM ties its head", is_class=True, members=("tie_weights",), runner="gemma3"),
+    Internal("vllm.model_executor.layers.logits_processor:LogitsProcessor.__init__",
+             "SpecxGemma3ForCausalLM's logits (soft_cap= keyword)", params=("self", "vocab_size"), runner="gemma3"),
+    Internal("vllm.model_executor.models.utils:maybe_prefix", "SpecxGemma3ForCausalLM's weight prefixes",
+             params=("prefix", "name"), runner="gemma3"),
+    Internal("vllm.distributed:get_pp_group", "SpecxGemma3Model.forward: first / last pipeline rank",
+             params=(), runner="gemma3"),
     Internal("vllm.config.speculative:SpeculativeConfig.use_eagle_block_drop",
              "wrapped to answer False for EDD drafters (prefix_cache.py): the scheduler asks it when it builds "
              "its KV cache manager (engine-core process, after plugins load) whether to drop the last block "
