@@ -103,6 +103,18 @@ C64 = ["--concurrency", "64", "--max-tokens", "64"]
 
 # name -> Bench. One entry per committed question; the tag is the result's name without its prefix.
 REGISTRY: dict[str, Bench] = {
+    # --- the headline: specx as shipped against vLLM's own methods (bench_vs_vllm.py) ---
+    "vs-vllm-b1-eager": Bench(
+        "bench_vs_vllm.py", [Run(["--batch-sizes", "1"])],
+        "specx as shipped vs none, ngram4, ngram8, suffix, eagle3; batch 1, eager target (README's headline)",
+        tag="b1_eager", output="vs_vllm_{tag}.json"),
+    "vs-vllm-b1-compiled": Bench(
+        "bench_vs_vllm.py", [Run(["--batch-sizes", "1", "--compiled"])],
+        "the same at batch 1 with a compiled target (torch.compile, enforce_eager=False)",
+        tag="b1_compiled", output="vs_vllm_{tag}.json"),
+    "vs-vllm-b32-eager": Bench(
+        "bench_vs_vllm.py", [Run(["--batch-sizes", "32"])],
+        "the same at batch 32, eager target", tag="b32_eager", output="vs_vllm_{tag}.json"),
     # --- drafters and vLLM's methods: acceptance and speed (bench_acceptance.py, one process per method) ---
     "equal-budget": Bench(
         "bench_acceptance.py",

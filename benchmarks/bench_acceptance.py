@@ -2,7 +2,7 @@
 
   python benchmarks/bench_acceptance.py --prompts spec_bench mt_bench humaneval --per-category 4 \
       --batch-sizes 1 32 --methods none ngram eagle3=DRAFTER_DIR edd=DRAFTER_DIR
-  (benchmarks/run_acceptance_smollm2_cpu.sh is the committed run)
+  (`python benchmarks/bench.py --help` lists the committed runs)
 
 Per method, prompt set and category: vLLM's mean acceptance length (1 + accepted/drafts; it counts only
 steps that drafted), acceptance per position, output tokens per target forward pass, draft tokens
@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -93,13 +94,21 @@ def batch1_setup(args, what: str) -> tuple[str, list[tuple[str, str]], dict]:
     return target, prompts, header
 
 
-def run_method(target: str, spec: dict | None, prompts: list[tuple[str, str]], batch: int, max_tokens: int):
+def run_method(target: str, spec: dict | None, prompts: list[tuple[str, str]], batch: int, max_tokens: int,
+               python: str | None = None):
     """Each method in a fresh spawned process: engines do not share state, and vLLM 0.32 crashes when an
-    EAGLE-style engine starts in a process where the ngram proposer already imported numba/llvmlite."""
+    EAGLE-style engine starts in a process where the ngram proposer already imported numba/llvmlite.
+    python: another interpreter for that process (a venv with packages the project's must not load)."""
     import multiprocessing
 
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_run_method, (target, spec, prompts, batch, max_tokens))
+    ctx = multiprocessing.get_context("spawn")
+    if python is not None:
+        ctx.set_executable(python)
+    try:
+        with ctx.Pool(1) as pool:
+            return pool.apply(_run_method, (target, spec, prompts, batch, max_tokens))
+    finally:
+        ctx.set_executable(sys.executable)
 
 
 def _run_method(target: str, spec: dict | None, prompts: list[tuple[str, str]], batch: int, max_tokens: int):

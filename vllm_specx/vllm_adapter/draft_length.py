@@ -81,6 +81,9 @@ class ChainStopController:
     branch_decision: bool = True  # PCT: the decision model estimates the expanded children (False: draft confidence)
     sibling_threshold_for_batch: callable | None = None  # default: threshold_for_batch
     lookup: LookupCandidates | None = None  # prompt-lookup chains competing with the drafter's
+    # A lookup token costs only its verification (no draft level): its node threshold is the marginal
+    # verify cost alone (default: threshold_for_batch)
+    lookup_threshold_for_batch: callable | None = None
     token_history: V2TokenHistory | None = None  # V2 runner: where the lookup search reads each request's tokens
     settled: list[int] | None = None  # V2 runner: the lengths of the step just drafted, for take_draft_token_ids
     # Steps that do not pay (cost model / payoff, not lookup preemption) also skip the drafter's forward
@@ -148,7 +151,7 @@ class ChainStopController:
         the drafter would not beat (`LookupCandidates.preempts`): the drafter drafts nothing."""
         self._skipping = self._forward_skippable = False
         preempted = self.lookup is not None and self._req_ids is not None and len(self._req_ids) == batch_size \
-            and self.lookup.preempts(self._req_ids, float(self.threshold_for_batch(batch_size)))
+            and self.lookup.preempts(self._req_ids, self.lookup_threshold(batch_size))
         if not preempted and self.drafting_pays(batch_size) and (self.payoff is None or self.payoff.pays(batch_size)):
             return False
         self._skipping = True
@@ -346,12 +349,20 @@ class ChainStopController:
         `finish` (it compares with the drafter's expected accepted tokens of this step)."""
         if self.lookup is None:
             return [None] * len(req_ids)
-        threshold = float(self.threshold_for_batch(len(req_ids)))
-        chains = self.lookup.choose(req_ids, threshold, [self._last.get(r, 0.0) for r in req_ids])
+        chains = self.lookup.choose(req_ids, self.lookup_threshold(len(req_ids)),
+                                    [self._last.get(r, 0.0) for r in req_ids])
         for r, chain in zip(req_ids, chains):
             if chain is not None:  # the drafter's calibration learns from its own drafts only
                 self._last.pop(r, None)
+        if self.metrics is not None:
+            self.metrics.lookup_chains.inc(sum(c is not None for c in chains))
+            self.metrics.drafter_chains.inc(sum(c is None and self._last.get(r, 0.0) > 0.0
+                                                for r, c in zip(req_ids, chains)))
         return chains
+
+    def lookup_threshold(self, batch_size: int) -> float:
+        """Node threshold of a lookup token at this batch size (see lookup_threshold_for_batch)."""
+        return float((self.lookup_threshold_for_batch or self.threshold_for_batch)(batch_size))
 
     def take_trees(self, runner, req_ids: list[str]) -> list | None:
         """Per request (aligned with req_ids): (node tokens, parents) of the tree drafted this step.
@@ -469,7 +480,7 @@ def load_controller(drafter_dir: str | Path, early_stop: dict, max_k: int,
         tree = dict(tree or {}, threshold=float(forced))
     cost = None
     if forced is None:
-        from vllm_specx.calibrate import find_cost_model, machine_id
+        from vllm_specx.cost_model_files import find_cost_model, machine_id
 
         names = [early_stop.get("cost_model", "cost_model.json")]
         if vocab_mode is not None:
@@ -500,6 +511,10 @@ def load_controller(drafter_dir: str | Path, early_stop: dict, max_k: int,
             verify = float(cost.target_step_time(batch_size, 2)) - plain
             return float(cost.draft_step_time(batch_size, 1)) / plain, max(verify, 0.0) / plain
 
+        @functools.lru_cache(maxsize=4096)
+        def lookup_threshold(batch_size: int) -> float:  # verify one more token / plain step: no draft level
+            return step_costs(batch_size)[1]
+
         def step_cost_ratio(batch_size: int, kept_fraction: float) -> float:
             draft, verify = step_costs(batch_size)
             return draft + kept_fraction * verify
@@ -526,7 +541,7 @@ def load_controller(drafter_dir: str | Path, early_stop: dict, max_k: int,
         def drafting_pays(batch_size: int) -> bool:
             return True
 
-        payoff, skip_forward, skip_prefill = None, False, False
+        payoff, skip_forward, skip_prefill, lookup_threshold = None, False, False, threshold
     calibration = OnlineAcceptCalibration() if early_stop.get("online_calibration", True) else None
     from vllm_specx.vllm_adapter.prom_metrics import specx_metrics
 
@@ -540,7 +555,7 @@ def load_controller(drafter_dir: str | Path, early_stop: dict, max_k: int,
         metrics=specx_metrics(), payoff=payoff, skip_forward=skip_forward, skip_prefill=skip_prefill,
         max_siblings=int(tree.get("max_siblings", 0)),
         expand_children=int(tree.get("expand_children", 0)), branch_decision=bool(tree.get("branch_decision", True)),
-        sibling_threshold_for_batch=sibling_threshold,
+        sibling_threshold_for_batch=sibling_threshold, lookup_threshold_for_batch=lookup_threshold,
         lookup=None if lookup is None else _lookup_candidates(lookup))
 
 
@@ -641,7 +656,7 @@ def _wrap_v2_propose(orig):
         if greedy_drafts and ctl.lookup is not None and ctl.token_history is not None:
             tokens, num_tokens = ctl.token_history.rows(input_batch.idx_mapping[:b])
             ctl.lookup.find(req_ids, tokens, num_tokens, None, min(ctl.policy.max_k, k),
-                            ctl.token_history.max_model_len, threshold=float(ctl.threshold_for_batch(b)))
+                            ctl.token_history.max_model_len, threshold=ctl.lookup_threshold(b))
         ctl.begin(armed=greedy_drafts and k > 1)
         drafts = self.draft_tokens[:b]  # [B, K]
         if greedy_drafts and ctl.skip_step(b) and ctl.forward_skipped():
@@ -803,7 +818,7 @@ def _wrap_propose_draft_token_ids(orig):
                 batch = self.input_batch
                 ctl.lookup.find(req_ids, batch.token_ids_cpu, batch.num_tokens_no_spec,
                                 _pending_tokens(sampled_token_ids), ctl.policy.max_k, self.max_model_len,
-                                threshold=float(ctl.threshold_for_batch(len(req_ids))))
+                                threshold=ctl.lookup_threshold(len(req_ids)))
         return orig(self, scheduler_output, sampled_token_ids, *args, **kwargs)
 
     propose_draft_token_ids.__specx_wrapped__ = True

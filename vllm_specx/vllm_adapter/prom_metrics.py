@@ -26,6 +26,8 @@ default registry.
                                           (early_stop.skip_forward)
   specx:drafter_blind_requests_total      requests whose prompt a skipped forward left out of the drafter's
                                           KV cache: it drafts nothing for them (early_stop.skip_prefill)
+  specx:lookup_chains_total               request steps that verified a prompt-lookup chain
+  specx:drafter_chains_total              request steps that verified the drafter's tokens (chain or tree)
   specx:lookup_rows_not_searched_total    request steps whose prompt-lookup search was skipped (no chain
                                           of theirs could clear the step's node threshold)
 """
@@ -64,6 +66,9 @@ class SpecxMetrics:
                                       "requests whose prompt a skipped drafter forward left out: never drafted for")
         self.lookup_not_searched = counter("lookup_rows_not_searched",
                                            "request steps whose prompt-lookup search could not pay and was skipped")
+        self.lookup_chains = counter("lookup_chains", "request steps that verified a prompt-lookup chain")
+        self.drafter_chains = counter("drafter_chains",
+                                      "request steps that verified the drafter's tokens (chain or tree)")
         self.accepted = Histogram(PREFIX + "accepted_tokens_per_request_step",
                                   "draft tokens accepted per request per verified step",
                                   buckets=[i + 0.5 for i in range(16)] + [float("inf")])
