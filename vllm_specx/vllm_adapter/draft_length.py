@@ -519,12 +519,10 @@ def load_controller(drafter_dir: str | Path, early_stop: dict, max_k: int,
             draft, verify = step_costs(batch_size)
             return draft + kept_fraction * verify
 
-        # On by default since session 11 (opt-in before: with the 210-step drafter of session 5 it cost
-        # 0.84x vs 0.96x at batch 1, results/step_payoff_smollm2_cpu_b1.json). With skip_forward, the
-        # bundled drafter and lookup chains, batch 1, Intel (results/paired_smollm2_cpu_intel_s11.json):
-        # 1.18x and 1.14x of no speculation in two runs vs 1.10x with both off, same period; 64 in flight
-        # served: 0.95x (3 reps) vs 0.92x with payoff only. A drop in load after skipped forwards left
-        # the tail's acceptance as it was (90 of ~296 drafts accepted either way, 4 long requests).
+        # With skip_forward, the bundled drafter and lookup chains, batch 1, Intel
+        # (results/paired_b1_step_skipping_smollm2_cpu_intel_{on,off}.json): 1.18x and 1.14x of no
+        # speculation in two runs vs 1.10x with both off; 64 in flight served: 0.95x (3 reps) vs 0.92x with
+        # payoff only. A drop in load after skipped forwards left the tail's acceptance as it was.
         env = os.environ.get("SPECX_STEP_PAYOFF")
         on = early_stop.get("step_payoff", True) if env is None else env == "1"
         payoff = DraftingPayoff(step_cost_ratio) if on else None
