@@ -115,6 +115,11 @@ REGISTRY: dict[str, Bench] = {
     "vs-vllm-b32-eager": Bench(
         "bench_vs_vllm.py", [Run(["--batch-sizes", "32"])],
         "the same at batch 32, eager target", tag="b32_eager", output="vs_vllm_{tag}.json"),
+    "cost-breakdown": Bench(
+        "cost_breakdown.py", [Run([])],
+        "per-pass cost terms (plain step, each verified token, each draft level) from the bundled drafter's "
+        "calibration on the Intel Xeon (--measurements picks another machine's)",
+        tag="smollm2_cpu_intel", output="cost_breakdown_{tag}.json"),
     # --- drafters and vLLM's methods: acceptance and speed (bench_acceptance.py, one process per method) ---
     "equal-budget": Bench(
         "bench_acceptance.py",

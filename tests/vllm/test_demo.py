@@ -21,4 +21,6 @@ def test_demo_runs_both_engines_and_reports_consistent_figures(tiny_target, tiny
     assert out["tokens_per_target_pass"]["plain"] == 1.0  # one token per plain pass: the pass counter is right
     assert out["tokens_per_target_pass"]["edd"] >= 1.0
     assert 0 <= out["edd_steps_with_drafts"] <= out["edd_target_passes"]
+    assert out["ngram_outputs_identical"] is True and out["tokens_per_target_pass"]["ngram"] >= 1.0
+    assert abs(out["speedup_vs_ngram"] * out["ngram_speedup"] - out["speedup"]) < 1e-9  # one run's ratios
     assert out["speedup"] > 0 and out["lookup_candidates"] is False  # the random drafter has no lookup table
