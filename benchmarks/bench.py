@@ -115,6 +115,13 @@ REGISTRY: dict[str, Bench] = {
     "vs-vllm-b32-eager": Bench(
         "bench_vs_vllm.py", [Run(["--batch-sizes", "32"])],
         "the same at batch 32, eager target", tag="b32_eager", output="vs_vllm_{tag}.json"),
+    "vs-vllm-serve-c64": Bench(
+        "bench_serve_load.py",
+        [Run(["--methods", "none", 'ngram8={"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_min": 2, '
+              '"prompt_lookup_max": 4}', f"specx={spec(DRAFTER, 8)}", "--concurrency", "64", "--min-requests", "128",
+              "--max-tokens", "64"])],
+        "64 requests in flight on vllm-specx serve: none, vLLM ngram (k 8), specx as shipped",
+        tag="vs_vllm_c64_smollm2_cpu", output="serve_{tag}.json"),
     "cost-breakdown": Bench(
         "cost_breakdown.py", [Run([])],
         "per-pass cost terms (plain step, each verified token, each draft level) from the bundled drafter's "
