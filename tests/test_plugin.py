@@ -34,10 +34,14 @@ def test_register_is_idempotent_and_only_adds_names():
     assert {"SpecxEddForCausalLM", "SpecxGemma3ForCausalLM"} <= set(ModelRegistry.get_supported_archs())
     assert {k: v for k, v in SUPPORTED_SPECULATORS_TYPES.items() if k in algos_before} == algos_before
     assert set(SUPPORTED_SPECULATORS_TYPES) - set(algos_before) <= {"specx_edd"}
-    # nothing in vLLM was patched but one method, wrapped once, whose answer changes only for EDD drafters
+    # nothing in vLLM was patched but three functions, wrapped once, whose answers change only for EDD drafters
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.sample import logits_processor
+
     assert (llm_base_proposer.SpecDecodeBaseProposer.propose, eagle3_mod.Eagle3LlamaForCausalLM.forward) == watched
-    drop = SpeculativeConfig.use_eagle_block_drop
-    assert drop.__specx_wrapped__ and not getattr(drop.__wrapped__, "__specx_wrapped__", False)
+    for wrapped in (SpeculativeConfig.use_eagle_block_drop, SamplingParams._validate_spec_decode,
+                    logits_processor.build_logitsprocs):
+        assert wrapped.__specx_wrapped__ and not getattr(wrapped.__wrapped__, "__specx_wrapped__", False)
 
 
 def test_only_edd_drafters_keep_the_last_prefix_cache_block(monkeypatch):

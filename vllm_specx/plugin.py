@@ -1,9 +1,10 @@
 """`vllm.general_plugins` entry point: runs in every vLLM process (API server, engine core, workers).
 
-`register()` adds names to vLLM's registries (lazily, by module path) and wraps one method whose answer
+`register()` adds names to vLLM's registries (lazily, by module path) and wraps the methods whose answer
 changes only for a specx drafter (`SpeculativeConfig.use_eagle_block_drop`, see
-vllm_adapter/prefix_cache.py): it imports no model code and changes no behaviour unless a specx drafter
-is requested. It is idempotent.
+vllm_adapter/prefix_cache.py; the min_p / logit_bias refusal and the logits processors built under
+speculation, see vllm_adapter/sample_match.py): it imports no model code and changes no behaviour unless
+a specx drafter is requested. It is idempotent.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ def register() -> None:
     from vllm_specx.vllm_adapter.prefix_cache import install_prefix_cache_hook
 
     install_prefix_cache_hook()
+
+    from vllm_specx.vllm_adapter.sample_match import install_request_guards
+
+    install_request_guards()
 
 
 def _trace_process() -> None:

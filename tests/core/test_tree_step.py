@@ -1,6 +1,6 @@
-"""tree_step's V2-runner hooks on synthetic steps (no engine): the rejection-sampler wrapper replaces a
-tree request's output row from the walk over its logits (read before V2 may scale them in place), and
-the speculator wrapper hands V2's speculator the accepted path's rows first. The end-to-end checks
+"""tree_step's V2-runner hooks on synthetic steps (no engine): sample-then-match over V2's draws walks a
+tree request's nodes and writes its output row (vllm_adapter/sample_match.py), and the speculator wrapper
+hands V2's speculator the accepted path's rows first. The end-to-end checks
 (oracle trees, the same drafts as V1) are tests/vllm/test_v2_runner.py's."""
 
 from types import SimpleNamespace
@@ -23,32 +23,54 @@ def _tree_step(qs: int) -> _Step:
                                                      "block_size": 16, "isa": "vec"})
 
 
-def test_v2_rejection_sampler_wrapper_writes_the_walk_into_v2s_output():
-    step = _tree_step(qs=1)
+class _FakeV2Sampler:
+    """V2's sampler for `sample_match.v2_verify_step`: draws `drawn` for the logits rows (counted in calls)."""
+
+    def __init__(self, drawn: list[int], temperature: list[float]):
+        self.drawn, self.calls = drawn, []
+        self.req_states = SimpleNamespace(prefill_len=SimpleNamespace(gpu=None))
+        self.sampling_states = SimpleNamespace(temperature=SimpleNamespace(np=np.array(temperature)))
+
+    def __call__(self, logits, input_batch):
+        self.calls.append(logits.shape[0])
+        return SimpleNamespace(sampled_token_ids=torch.tensor(self.drawn)[:, None], logprobs_tensors=None,
+                               num_nans=None)
+
+
+def _fake_v2(monkeypatch, inputs: list[int], drawn: list[int], cu: list[int], temperature: list[float]):
+    """A V2 rejection sampler over len(cu) - 1 requests (logits rows cu[i]..cu[i+1]) whose rows' input
+    tokens are `inputs`; vLLM's two Triton helpers replaced by their meaning. -> (it, input batch)."""
+    from vllm.v1.worker.gpu import input_batch as v2_input_batch
+    from vllm.v1.worker.gpu.spec_decode import rejection_sampler as v2_rejection
+
+    monkeypatch.setattr(v2_rejection, "gather_draft_sampled", lambda *args: (torch.tensor(inputs), None))
+    monkeypatch.setattr(v2_input_batch, "get_num_sampled_and_rejected",
+                        lambda num_sampled, seq_lens, cu, idx, prefill: (num_sampled, cu.diff() - num_sampled))
+    n = len(cu) - 1
+    batch = SimpleNamespace(input_ids=None, positions=None, logits_indices=None, expanded_idx_mapping=None,
+                            expanded_local_pos=None, num_reqs=n, cu_num_logits_np=np.array(cu),
+                            cu_num_logits=torch.tensor(cu), idx_mapping=None, idx_mapping_np=np.arange(n),
+                            seq_lens=None)
+    return SimpleNamespace(sampler=_FakeV2Sampler(drawn, temperature), num_speculative_steps=5), batch
+
+
+def test_v2_sample_match_walks_chains_and_trees_over_v2s_own_draws(monkeypatch):
+    """Request 0: a chain of 2 drafts (rows 0-2); request 1: the tree of `_tree_step` (rows 3-8). V2's
+    sampler draws every row once; each request walks its drafts over those draws."""
+    from vllm_specx.vllm_adapter import sample_match
+
+    step = _tree_step(qs=3)
     tree_step._STEP[0] = step
-    # logits rows: request 0 has 1 row (no drafts), request 1 its root + 5 nodes
-    logits = torch.zeros(7, VOCAB)
-    after = {0: 12, 2: 14, 4: 15, 5: 3}  # the target's argmax after node i: path root -> c1 -> c2 -> c3, bonus 3
-    for node, tok in after.items():
-        logits[1 + node, tok] = 5.0
-    logits[1 + 1, 7] = logits[1 + 3, 7] = 5.0  # after w1 / w2 (not on the path)
-    batch = SimpleNamespace(cu_num_logits_np=np.array([0, 1, 7]), idx_mapping_np=np.array([3, 0]))
-    states = SimpleNamespace(temperature=SimpleNamespace(np=np.zeros(4, dtype=np.float32)),
-                             seeds=SimpleNamespace(np=np.arange(4)))
-    sampler = SimpleNamespace(sampler=SimpleNamespace(sampling_states=states))  # batch row 1: state row 0, greedy
-
-    def v2_sampler(self, logits, input_batch):
-        logits.zero_()  # V2 scales logits in place: the walk must have read them before
-        return SimpleNamespace(sampled_token_ids=torch.full((2, 6), 9), num_sampled=torch.tensor([1, 1]),
-                               num_rejected=torch.tensor([0, 5]))
-
+    inputs = [7, 21, 22] + [0, 11, 12, 13, 14, 15]  # row inputs: root, then the drafts / nodes
+    drawn = [21, 5, 9] + [12, 7, 14, 7, 15, 3]  # chain: 21 accepted, then 5 != 22; tree: c1 c2 c3 + bonus 3
+    draw, batch = _fake_v2(monkeypatch, inputs, drawn, [0, 3, 9], [0.8, 0.0])
     try:
-        out = tree_step._wrap_v2_rejection_sample(v2_sampler)(sampler, logits, batch)
+        out = sample_match.v2_verify_step(draw, torch.zeros(9, VOCAB), batch, None, tree_step.tree_step_to_verify(True))
     finally:
         tree_step._STEP[0] = None
-    assert out.sampled_token_ids[1].tolist() == [12, 14, 15, 3, -1, -1]  # c1 c2 c3 + bonus
-    assert out.sampled_token_ids[0].tolist() == [9] * 6  # a request without a tree keeps V2's row
-    assert out.num_sampled.tolist() == [1, 4] and out.num_rejected.tolist() == [0, 2]  # 6 logits rows - 4
+    assert draw.sampler.calls == [9]  # one draw of every row
+    assert out.sampled_token_ids.tolist() == [[21, 5, -1, -1, -1, -1], [12, 14, 15, 3, -1, -1]]
+    assert out.num_sampled.tolist() == [2, 4] and out.num_rejected.tolist() == [1, 2]
     assert step.rows[1].path == [0, 2, 4, 5] and not step.attending
 
 
@@ -78,31 +100,16 @@ def test_v2_speculator_wrapper_puts_the_accepted_path_first():
     assert seen["ids"].tolist() == ids.tolist()
 
 
-def test_v2_sampled_tree_walks_draw_from_the_requests_temperature_and_seed():
-    """A sampled request's walk (batch row 1 -> V2 state row 0) uses its temperature: at a temperature
-    where the target's choices are near-certain the greedy path comes out; the same seed repeats."""
-    def run(temperature, seed):
-        step = _tree_step(qs=0)
-        tree_step._STEP[0] = step
-        logits = torch.zeros(6, VOCAB)
-        for node, tok in {0: 12, 2: 14, 4: 15, 5: 3}.items():
-            logits[node, tok] = 1.0
-        batch = SimpleNamespace(cu_num_logits_np=np.array([0, 0, 6]), idx_mapping_np=np.array([1, 0]))
-        states = SimpleNamespace(temperature=SimpleNamespace(np=np.array([temperature, 0.0], dtype=np.float32)),
-                                 seeds=SimpleNamespace(np=np.array([seed, 0])))
-        zeros = torch.zeros(2, dtype=torch.long)
-        out = SimpleNamespace(sampled_token_ids=torch.zeros(2, 6, dtype=torch.long), num_sampled=zeros.clone(),
-                              num_rejected=zeros.clone())
-        try:
-            tree_step._wrap_v2_rejection_sample(lambda self, lg, ib: out)(
-                SimpleNamespace(sampler=SimpleNamespace(sampling_states=states)), logits, batch)
-        finally:
-            tree_step._STEP[0] = None
-        return out.sampled_token_ids[1].tolist()
+def test_v2_sample_match_keeps_the_mismatching_draw_and_drafts_grammar_refused(monkeypatch):
+    """A request whose first draft mismatches emits the draw at its root; invalid drafts never match."""
+    from vllm_specx.vllm_adapter import sample_match
 
-    assert run(0.01, 5) == [12, 14, 15, 3, -1, -1]  # logit gap 1 / 0.01: sampling is greedy here
-    hot = [run(20.0, s) for s in range(8)]  # nearly uniform over 16 tokens: the first node is mostly rejected
-    assert hot == [run(20.0, s) for s in range(8)] and len({tuple(h) for h in hot}) > 1
+    draw, batch = _fake_v2(monkeypatch, [7, 21, 22], [21, 22, 9], [0, 3], [0.8])
+    out = sample_match.v2_verify_step(draw, torch.zeros(3, VOCAB), batch, None, None)
+    assert out.sampled_token_ids[0].tolist()[:3] == [21, 22, 9] and out.num_sampled.tolist() == [3]
+    invalid = torch.tensor([False, False, True])  # the grammar refuses the second draft
+    out = sample_match.v2_verify_step(draw, torch.zeros(3, VOCAB), batch, invalid, None)
+    assert out.sampled_token_ids[0].tolist()[:3] == [21, 22, -1] and out.num_sampled.tolist() == [2]
 
 
 def test_v2_trees_only_for_requests_that_trees_can_serve():
@@ -114,10 +121,11 @@ def test_v2_trees_only_for_requests_that_trees_can_serve():
 
     new = [SimpleNamespace(req_id=r, sampling_params=p) for r, p in
            (("greedy", params()), ("sampled", params(temperature=0.8)), ("logprobs", params(logprobs=2)),
-            ("top_p", params(temperature=0.8, top_p=0.9)))]
+            ("top_p", params(temperature=0.8, top_p=0.9)), ("penalty", params(temperature=0.8, presence_penalty=0.5)),
+            ("grammar", params(structured_outputs=object())))]
     add = tree_step._wrap_v2_add_requests(lambda self, out: None)
     add(None, SimpleNamespace(finished_req_ids=set(), scheduled_new_reqs=new))
-    assert [tree_step.v2_tree_ok(r) for r in ("greedy", "sampled", "logprobs", "top_p", "unknown")] == [
-        True, True, False, False, False]
+    names = ("greedy", "sampled", "logprobs", "top_p", "penalty", "grammar", "unknown")
+    assert [tree_step.v2_tree_ok(r) for r in names] == [True, True, True, True, False, False, False]
     add(None, SimpleNamespace(finished_req_ids={"greedy"}, scheduled_new_reqs=[]))
     assert not tree_step.v2_tree_ok("greedy")  # forgotten when it finishes

@@ -119,10 +119,10 @@ def _homogeneity_pvalue(a: list[int], b: list[int], min_count: int = 10) -> floa
 SAMPLED_REQUESTS, TEMPERATURE = 400, 0.15  # the tiny random target: a few likely tokens per position
 
 
-def _sampled_positions(target: str, spec: dict | None, prompt: str) -> list[list[int]]:
+def _sampled_positions(target: str, spec: dict | None, prompt: str, seeded: bool = True) -> list[list[int]]:
     from vllm import SamplingParams
 
-    params = [SamplingParams(temperature=TEMPERATURE, seed=s, max_tokens=4, ignore_eos=True)
+    params = [SamplingParams(temperature=TEMPERATURE, seed=s if seeded else None, max_tokens=4, ignore_eos=True)
               for s in range(SAMPLED_REQUESTS)]
     outs, _ = _generate(target, spec, [prompt] * SAMPLED_REQUESTS, params)
     tokens = [list(o.outputs[0].token_ids) for o in outs]
@@ -130,28 +130,44 @@ def _sampled_positions(target: str, spec: dict | None, prompt: str) -> list[list
     return tokens
 
 
+def _accept_first_child(token_ids, parents, node_valid, draw, max_depth=None):
+    """A broken walk for the control: the first child of every node is accepted whatever was drawn."""
+    import torch
+
+    from vllm_specx.core.sample_match import sample_then_match
+    from vllm_specx.core.tree_verify import children_table
+
+    first = children_table(parents, node_valid)[:, :, 0]  # [B, N]
+
+    def biased(node, alive):
+        drawn = draw(node, alive)
+        child = first.gather(1, node[:, None])[:, 0]
+        return torch.where(child >= 0, token_ids.gather(1, child.clamp(min=0)[:, None])[:, 0], drawn)
+
+    return sample_then_match(token_ids, parents, node_valid, biased, max_depth)
+
+
 def test_sampled_trees_keep_the_target_distribution(tiny_target, edd_tree_drafter, tiny_plain_outputs, monkeypatch):
-    """Temperature sampling through trees (recursive rejection sampling over the oracle's candidates,
-    which are the greedy continuation and its runner-ups): the tokens at output positions 1-3 follow
-    the same distribution as plain sampling (chi-square homogeneity, 400 seeded requests per run, so
-    the p-values are reproducible: 0.92 / 0.998 / 0.21 when written)."""
-    from vllm_specx.vllm_adapter import tree_step
+    """Temperature sampling through trees (sample-then-match over the oracle's candidates, which are the
+    greedy continuation and its runner-ups): seeded requests equal plain seeded sampling token for token,
+    and unseeded ones follow the same distribution at output positions 1-3 (chi-square homogeneity
+    against the 400 seeded plain samples)."""
+    from vllm_specx.vllm_adapter import sample_match, tree_step
 
     prompt = many_prompts(1)[0]
     install_oracle(monkeypatch, tiny_target, [prompt], tiny_plain_outputs["many"].token_ids[:1])
     plain = _sampled_positions(tiny_target, None, prompt)
     before = dict(tree_step.STATS)
     spec = {"method": "eagle3", "model": edd_tree_drafter, "num_speculative_tokens": K}
-    tree = _sampled_positions(tiny_target, spec, prompt)
+    assert _sampled_positions(tiny_target, spec, prompt) == plain
     assert tree_step.STATS["sampled_tree_requests"] - before["sampled_tree_requests"] >= SAMPLED_REQUESTS
     assert tree_step.STATS["nodes_accepted"] > before["nodes_accepted"]  # candidates were accepted
+    tree = _sampled_positions(tiny_target, spec, prompt, seeded=False)
     pvalues = [_homogeneity_pvalue([t[k] for t in plain], [t[k] for t in tree]) for k in (1, 2, 3)]
     assert min(pvalues) > 1e-3 / 3, pvalues  # Bonferroni over the three positions
 
-    # Control: the classic bug (a rejected candidate left in the residual, so the next candidate and
-    # the bonus token are drawn from the unmodified distribution) over-samples candidates: detected.
-    import vllm_specx.core.tree_verify as tv
-
-    monkeypatch.setattr(tv, "_accept_point_mass", lambda p, tok: (p.gather(1, tok[:, None])[:, 0], p))
-    wrong = _sampled_positions(tiny_target, spec, prompt)
+    # Control: a walk that accepts a node's first candidate whatever the target drew over-samples
+    # candidates: detected.
+    monkeypatch.setattr(sample_match, "sample_then_match", _accept_first_child)
+    wrong = _sampled_positions(tiny_target, spec, prompt, seeded=False)
     assert min(_homogeneity_pvalue([t[k] for t in plain], [t[k] for t in wrong]) for k in (1, 2, 3)) < 1e-4

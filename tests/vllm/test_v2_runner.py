@@ -288,10 +288,10 @@ V2_SAMPLED_REQUESTS = 160  # V1's test sends 400; under V2's interpreted kernels
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_v2_sampled_trees_keep_the_target_distribution(tiny_target, edd_tree_drafter, tiny_plain_outputs):
-    """Temperature sampling through trees under V2 (recursive rejection sampling over the oracle's
-    candidates, the greedy continuation and its runner-ups; V2's seeds): the tokens at output positions
+    """Temperature sampling through trees under V2 (sample-then-match over the oracle's candidates, the
+    greedy continuation and its runner-ups, with V2's position-keyed draws): the tokens at output positions
     1-3 follow plain sampling's distribution (V1, no drafter; chi-square homogeneity as in
-    tests/vllm/test_tree_stops.py, whose control shows the test detects the classic residual bug)."""
+    tests/vllm/test_tree_stops.py, whose control shows the test detects a biased walk)."""
     from tests.vllm.test_tree_stops import SAMPLED_REQUESTS, TEMPERATURE, _homogeneity_pvalue, _sampled_positions
     from tests.vllm.v2_cpu import generate_under_v2
 

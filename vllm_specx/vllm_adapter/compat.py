@@ -90,14 +90,55 @@ INTERNALS: tuple[Internal, ...] = (
              "positions are rewritten to root + depth (self.positions, self.query_start_loc.cpu)",
              params=("self", "scheduler_output", "num_scheduled_tokens"), runner="v1"),
     Internal("vllm.v1.worker.gpu_model_runner:GPUModelRunner._sample",
-             "PCT trees: tree requests' rows of sampled_token_ids are replaced by the tree walk (greedy, or "
-             "recursive rejection sampling at the request's temperature)",
+             "sample-then-match (sample_match.py) replaces vLLM's rejection sampler for specx steps with drafts "
+             "(chains and PCT trees): logits [num rows, V], the root's row then one per draft for each request; "
+             "returns SamplerOutput([B, max drafts + 1] -1 padded, logprobs over B * (max drafts + 1) rows); "
+             "self.sampler, self.drafter.model, self.input_batch.update_async_output_token_ids",
              params=("self", "logits", "spec_decode_metadata"), runner="v1"),
+    Internal("vllm.v1.sample.sampler:Sampler.forward",
+             "sample-then-match draws each verified position's token with vLLM's own sampler on [B, V] logits "
+             "rows (one seeded generator draw per call for each request in sampling_metadata.generators), "
+             "processors, penalties and logprobs included", params=("self", "logits", "sampling_metadata"),
+             runner="v1"),
+    Internal("vllm.v1.sample.metadata:SamplingMetadata",
+             "sample-then-match hands the sampler the batch's metadata with generators limited to the requests "
+             "whose walk is alive (batch index -> torch.Generator) and no spec_token_ids; output_token_ids are "
+             "the input batch's own lists; logitsprocs.all / non_argmax_invariant get update_state(None) before "
+             "each later draw", members=("__dataclass_fields__",),
+             fields=("generators", "output_token_ids", "spec_token_ids", "logitsprocs", "all_greedy",
+                     "no_penalties", "bad_words_token_ids", "allowed_token_ids_mask", "max_num_logprobs"),
+             runner="v1"),
+    Internal("vllm.v1.sample.logits_processor.builtin:MinTokensLogitsProcessor",
+             "sample-then-match: an all-greedy batch keeps vLLM's verification only when its min_toks dict "
+             "(and LogitBiasLogitsProcessor's biases dict) is empty; update_state(None) re-reads the output "
+             "lengths", is_class=True, members=("update_state", "apply"), runner="v1"),
+    Internal("vllm.v1.sample.logits_processor.builtin:LogitBiasLogitsProcessor",
+             "see MinTokensLogitsProcessor (biases: batch index -> {token: bias})", is_class=True,
+             members=("update_state", "apply"), runner="v1"),
+    Internal("vllm.v1.sample.logits_processor:build_logitsprocs",
+             "wrapped (sample_match.install_request_guards) to build, for specx drafters, the processors vLLM "
+             "builds without speculation (BUILTIN_LOGITS_PROCESSORS + _load_custom_logitsprocs(custom)); "
+             "gpu_model_runner binds the name at import and is patched too",
+             params=("vllm_config", "device", "is_pin_memory", "is_pooling_model", "custom_logitsprocs")),
+    Internal("vllm.v1.sample.logits_processor:_load_custom_logitsprocs",
+             "see build_logitsprocs: the installed and requested custom processor classes",
+             params=("logits_processors",)),
+    Internal("vllm.v1.sample.logits_processor:BUILTIN_LOGITS_PROCESSORS",
+             "see build_logitsprocs: min_tokens, logit_bias, min_p"),
+    Internal("vllm.v1.sample.logits_processor:LogitsProcessors", "see build_logitsprocs", is_class=True,
+             members=("all",)),
+    Internal("vllm.sampling_params:SamplingParams._validate_spec_decode",
+             "wrapped (sample_match.install_request_guards) to accept min_p and logit_bias for specx drafters",
+             params=("self", "speculative_config")),
+    Internal("vllm.v1.outputs:LogprobsTensors",
+             "sample-then-match stacks the sampler's per-draw (logprob_token_ids, logprobs, "
+             "selected_token_ranks) into B * (max drafts + 1) rows", members=("_fields",), runner="v1"),
     Internal("vllm.v1.worker.gpu_input_batch:InputBatch",
              "PCT trees for sampled requests read the runner's input_batch.temperature_cpu[i] (numpy, 0 for "
-             "greedy) and input_batch.generators (batch index -> the seeded request's torch.Generator); both "
-             "are instance attributes set in __init__, so a rename fails at the first sampled tree step "
-             "with an AttributeError naming them (tests/vllm/test_tree_stops.py runs that path). Prompt-lookup "
+             "greedy); sample-then-match reads sampling_metadata and req_output_token_ids (the requests' "
+             "output-so-far lists, extended by the accepted path during a walk, then cut back); "
+             "instance attributes set in __init__, so a rename fails at the first step with drafts "
+             "with an AttributeError naming them (tests/vllm/test_sample_match.py runs that path). Prompt-lookup "
              "candidates read input_batch.token_ids_cpu [max_reqs, max_len] and num_tokens_no_spec [max_reqs] "
              "(numpy; what vLLM's ngram proposer reads) and runner.max_model_len before drafting; when "
              "propose_draft_token_ids gets the sampler's tensor the step's tokens are not written there yet "
@@ -105,8 +146,10 @@ INTERNALS: tuple[Internal, ...] = (
              "(tests/vllm/test_lookup.py runs that path)",
              is_class=True, runner="v1"),
     Internal("vllm.v1.spec_decode.metadata:SpecDecodeMetadata",
-             "PCT trees: logits rows per request from cu_num_sampled_tokens (n drafts + 1 rows each)",
-             members=("__dataclass_fields__",), fields=("cu_num_sampled_tokens", "num_draft_tokens"), runner="v1"),
+             "PCT trees and sample-then-match: logits rows per request from cu_num_sampled_tokens (n drafts + 1 "
+             "rows each), draft_token_ids [total drafts] in batch order, max_spec_len (set in __post_init__)",
+             members=("__dataclass_fields__",), fields=("cu_num_sampled_tokens", "num_draft_tokens",
+                                                        "draft_token_ids"), runner="v1"),
     # PCT trees: the attention backends whose forward a tree step replaces (tree_step.TREE_BACKENDS), checked
     # when the tree hooks install (runner "trees"): a forward with this signature, the step's K/V written
     # before it (the backend's forward_includes_kv_cache_update is False), metadata with these fields
@@ -183,7 +226,7 @@ INTERNALS: tuple[Internal, ...] = (
              params=("self", "max_num_reqs", "max_model_len"), runner="v2"),
     Internal("vllm.v1.worker.gpu.model_runner:GPUModelRunner.add_requests",
              "V2 PCT trees: which requests may be drafted as trees (scheduler_output.scheduled_new_reqs[i]"
-             ".sampling_params tree_eligible; finished_req_ids forgotten)",
+             ".sampling_params v2_tree_eligible; finished_req_ids forgotten)",
              params=("self", "scheduler_output"), runner="v2"),
     Internal("vllm.v1.worker.gpu.model_runner:GPUModelRunner.prepare_attn",
              "V2 PCT trees: after it the slot mappings hold consecutive positions (node i's KV slot: root + i); "
@@ -192,19 +235,39 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.v1.worker.gpu.input_batch:InputBatch",
              "V2 PCT trees read each request's query rows (query_start_loc_np: the root, then its "
              "num_draft_tokens_per_req[i] drafts in input_ids), its logits rows (cu_num_logits_np) and "
-             "rewrite positions / permute input_ids rows in place", members=("__dataclass_fields__",),
+             "rewrite positions / permute input_ids rows in place; sample-then-match passes logits_indices, "
+             "expanded_idx_mapping, expanded_local_pos, seq_lens, cu_num_logits to vLLM's helpers",
+             members=("__dataclass_fields__",),
              fields=("req_ids", "num_reqs", "num_tokens", "idx_mapping", "num_draft_tokens_per_req",
-                     "query_start_loc_np", "cu_num_logits_np", "idx_mapping_np", "input_ids", "positions"),
+                     "query_start_loc_np", "cu_num_logits_np", "idx_mapping_np", "input_ids", "positions",
+                     "logits_indices", "expanded_idx_mapping", "expanded_local_pos", "seq_lens", "cu_num_logits"),
              runner="v2"),
     Internal("vllm.v1.worker.gpu.spec_decode.rejection_sampler:RejectionSampler.__call__",
-             "V2 PCT trees: a tree request's rows of the SamplerOutput are replaced by the walk, greedy or at "
-             "the request's temperature (self.sampler.sampling_states.temperature / seeds .np, rows by "
-             "input_batch.idx_mapping_np) (sampled_token_ids [B, K + 1] -1 padded, num_sampled = tokens emitted, "
-             "num_rejected = logits rows - num_sampled: what post_update and the speculator read)",
-             params=("self", "logits", "input_batch"),
-             runner="v2"),
-    Internal("vllm.v1.worker.gpu.sample.output:SamplerOutput", "V2 PCT trees rewrite its rows",
-             members=("__dataclass_fields__",), fields=("sampled_token_ids", "num_sampled", "num_rejected"),
+             "V2 sample-then-match (sample_match.py) replaces it for specx steps without draft logits: "
+             "self.sampler draws every row, self.num_speculative_steps sizes the output "
+             "(sampled_token_ids [B, K + 1] -1 padded, num_sampled = tokens emitted, num_rejected = logits rows - "
+             "num_sampled: what post_update and the speculator read); watermarking (self.watermark_key) and "
+             "sampling masks (sampler.return_sampling_mask) keep vLLM's verification",
+             params=("self", "logits", "input_batch", "draft_logits", "invalid_drafts"), runner="v2"),
+    Internal("vllm.v1.worker.gpu.spec_decode.rejection_sampler:gather_draft_sampled",
+             "V2 sample-then-match: each logits row's input token (the drafts; -1 for prefill placeholders)",
+             params=("input_ids", "positions", "logits_indices", "expanded_idx_mapping", "expanded_local_pos",
+                     "prefill_len"), runner="v2"),
+    Internal("vllm.v1.worker.gpu.input_batch:get_num_sampled_and_rejected",
+             "V2 sample-then-match: num_sampled / num_rejected per request from the walk's emitted counts "
+             "(chunked prefills emit nothing)",
+             params=("num_sampled", "seq_lens", "cu_num_logits", "idx_mapping", "prefill_len"), runner="v2"),
+    Internal("vllm.v1.worker.gpu.sample.sampler:Sampler.__call__",
+             "V2 sample-then-match draws every logits row as plain decoding would at that row's position "
+             "(Gumbel noise keyed by the request's seed and the position; processors with the rows before as "
+             "context); reads self.req_states.prefill_len.gpu, self.sampling_states.temperature.np, "
+             "self.return_sampling_mask", params=("self", "logits", "input_batch"), runner="v2"),
+    Internal("vllm.v1.worker.gpu.model_runner:GPUModelRunner.sample",
+             "V2 sample-then-match marks the steps of runners whose speculator's model is specx's EDD drafter",
+             params=("self", "hidden_states", "input_batch", "grammar_output"), runner="v2"),
+    Internal("vllm.v1.worker.gpu.sample.output:SamplerOutput", "V2 sample-then-match builds it",
+             members=("__dataclass_fields__",), fields=("sampled_token_ids", "logprobs_tensors", "num_nans",
+                                                        "num_sampled", "num_rejected"),
              runner="v2"),
     Internal("vllm.config.scheduler:SchedulerConfig",
              "early stop needs synchronous scheduling (async: K placeholders per request are verified)",

@@ -190,6 +190,9 @@ class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
         self.vocab_head = build_vocab_head(
             folder, specx, mode, self.config.vocab_size, self.config.hidden_size,
             vllm_config.device_config.device, vllm_config.parallel_config.tensor_parallel_size)
+        from vllm_specx.vllm_adapter.sample_match import install_sample_match_hooks
+
+        install_sample_match_hooks(runner)  # seeded sampling equals plain decoding; every sampling parameter
         # MCSD early stop: a per-request draft-length controller when the drafter ships a decision model
         self.draft_length = _draft_length_controller(vllm_config, runner, specx, mode)
         from vllm_specx.vllm_adapter.cpu_fixes import fix_cpu_expand_kernel

