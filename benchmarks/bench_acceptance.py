@@ -98,17 +98,30 @@ def run_method(target: str, spec: dict | None, prompts: list[tuple[str, str]], b
                python: str | None = None):
     """Each method in a fresh spawned process: engines do not share state, and vLLM 0.32 crashes when an
     EAGLE-style engine starts in a process where the ngram proposer already imported numba/llvmlite.
-    python: another interpreter for that process (a venv with packages the project's must not load)."""
+    python: another interpreter (a venv with packages the project's must not load), run as a subprocess
+    of this file (`--worker`): a spawned child would inherit this interpreter's sys.path."""
+    args = (target, spec, prompts, batch, max_tokens)
+    if python is not None:
+        import pickle
+        import subprocess
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            job, out = Path(tmp) / "job.pkl", Path(tmp) / "out.pkl"
+            job.write_bytes(pickle.dumps(args))
+            subprocess.run([python, __file__, "--worker", str(job), str(out)], check=True)
+            return pickle.loads(out.read_bytes())
     import multiprocessing
 
-    ctx = multiprocessing.get_context("spawn")
-    if python is not None:
-        ctx.set_executable(python)
-    try:
-        with ctx.Pool(1) as pool:
-            return pool.apply(_run_method, (target, spec, prompts, batch, max_tokens))
-    finally:
-        ctx.set_executable(sys.executable)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_run_method, args)
+
+
+def _worker(job: str, out: str) -> None:
+    """`--worker JOB OUT`: run_method's arguments pickled in JOB -> its result pickled in OUT."""
+    import pickle
+
+    Path(out).write_bytes(pickle.dumps(_run_method(*pickle.loads(Path(job).read_bytes()))))
 
 
 def _run_method(target: str, spec: dict | None, prompts: list[tuple[str, str]], batch: int, max_tokens: int):
@@ -334,4 +347,7 @@ def _write(result: dict, tag: str) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--worker"]:
+        _worker(*sys.argv[2:4])
+    else:
+        main()

@@ -62,11 +62,13 @@ def method_spec(name: str, eagle3_k: int) -> dict | None:
     raise SystemExit(f"unknown method {name!r}; choose from {', '.join(ALL_METHODS)}")
 
 
-def step_shares(o: dict, counters: dict) -> None:
+def step_shares(o: dict, counters: dict, batch: int) -> None:
     """Adds to an overall/per-set dict the share of request steps that verified a draft: vLLM counts a
-    draft per request step that proposed one; specx's counters split those into drafter and lookup chains."""
-    passes = o.get("request_passes") or 0
-    o["drafted_step_share"] = o.get("drafts", 0) / passes if passes else None
+    draft per request step that proposed one; specx's counters split those into drafter and lookup chains.
+    Request steps: the engine's steps at batch 1 (exact), else output - accepted tokens (vLLM counts
+    accepted drafts past a request's max_tokens too, so this undercounts a little)."""
+    passes = (o.get("target_passes") if batch == 1 else o.get("request_passes")) or 0
+    o["drafted_step_share"] = o.get("drafts", 0) / passes if passes > 0 else None
     if "specx:drafter_chains_total" in counters or "specx:lookup_chains_total" in counters:
         drafter = counters.get("specx:drafter_chains_total", 0.0)
         lookup = counters.get("specx:lookup_chains_total", 0.0)
@@ -144,7 +146,7 @@ def main() -> None:
             run = {"per_category": per_cat, "overall": overall(per_cat),
                    "per_set": {s: overall({c: v for c, v in per_cat.items() if c.split("/")[0] == s}) for s in sets},
                    "specx_counters": counters}
-            step_shares(run["overall"], counters)
+            step_shares(run["overall"], counters, batch)
             result["runs"][f"{m}@{batch}"] = run
             add_ratios(result, batch, list(specs))
             _write(result, args.tag)  # partial results survive an interrupted run
@@ -159,13 +161,14 @@ def main() -> None:
 
 def table(result: dict) -> str:
     """Markdown: per method and batch size, overall tok/s, x none, x best vLLM method, tokens per pass."""
-    rows = ["| method | batch | tok/s | x none | x best vLLM | tokens per target pass | drafted steps |",
+    rows = ["| method | batch | tok/s | x none | x best vLLM | tokens per target pass (per request) | drafted steps |",
             "|---|---|---|---|---|---|---|"]
     for key, run in result["runs"].items():
         o = run["overall"]
         m, b = key.split("@")
+        per_pass = o.get("tokens_per_target_pass" if b == "1" else "tokens_per_request_pass")
         rows.append(f"| {m} | {b} | {o['tokens_per_s']:.1f} | {_f(o.get('speedup'))} | {_f(o.get('vs_best_vllm'))} "
-                    f"| {_f(o.get('tokens_per_request_pass'))} | {_f(o.get('drafted_step_share'), 2)} |")
+                    f"| {_f(per_pass, 3)} | {_f(o.get('drafted_step_share'), 2)} |")
     return "\n".join(rows)
 
 
@@ -190,8 +193,9 @@ def plot(result: dict, path: Path) -> None:
             pc = runs[m]["per_category"]
             row[0].bar([c + i * width for c in range(len(cats))], [pc[c].get("speedup") or 0 for c in cats],
                        width=width, label=m)
-            row[1].bar([c + i * width for c in range(len(cats))], [pc[c].get("tokens_per_request_pass") or 0
-                                                                   for c in cats], width=width, label=m)
+            per_pass = "tokens_per_target_pass" if batch == 1 else "tokens_per_request_pass"
+            row[1].bar([c + i * width for c in range(len(cats))], [pc[c].get(per_pass) or 0 for c in cats],
+                       width=width, label=m)
         for ax, title in zip(row, ("speed-up over no speculation (wall time)", "output tokens per target pass")):
             ax.axhline(1.0, color="k", lw=0.8)
             ax.set_xticks([c + 0.4 for c in range(len(cats))], cats, rotation=30, ha="right")
