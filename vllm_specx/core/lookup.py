@@ -28,17 +28,28 @@ def lookup_continuation(context: np.ndarray, min_n: int, max_n: int, k: int) -> 
     suffix n-gram with min_n <= n <= max_n, that n); (empty, 0) when no suffix n-gram occurs earlier.
 
     Of several occurrences: the latest with k tokens after it (recent text predicts best), else the
-    earliest (the longest continuation; in a repeating loop the latest is followed by only a few)."""
+    earliest (the longest continuation; in a repeating loop the latest is followed by only a few).
+    One pass over the context finds the earlier positions of the last token; each further suffix token
+    is compared at those positions only (this runs per request and step: ~10x fewer operations than a
+    window comparison per n)."""
     length = context.shape[0]
-    for n in range(min(max_n, length - 1), min_n - 1, -1):
-        # windows starting at 0 .. L-n-1 (all end before the last token, so a match is "earlier")
-        windows = np.lib.stride_tricks.sliding_window_view(context[:-1], n)
-        starts = np.flatnonzero((windows == context[-n:]).all(axis=1))
-        if starts.size:
-            full = starts[starts + n + k <= length]
-            begin = int(full[-1] if full.size else starts[0]) + n
-            return context[begin: begin + k], n
-    return context[:0], 0
+    ends = np.flatnonzero(context[:-1] == context[-1])  # [M] ends of earlier occurrences of the 1-gram
+    if ends.size == 0 or min_n > min(max_n, length - 1):
+        return context[:0], 0
+    matched = np.ones(ends.size, dtype=np.int64)  # [M] suffix length matched at each end, up to max_n
+    for j in range(1, min(max_n, length - 1)):
+        alive = np.flatnonzero((matched == j) & (ends >= j))
+        if alive.size == 0:
+            break
+        alive = alive[context[ends[alive] - j] == context[length - 1 - j]]
+        matched[alive] = j + 1
+    n = int(matched.max())
+    if n < min_n:
+        return context[:0], 0
+    begins = ends[matched == n] + 1  # where each occurrence's continuation starts
+    full = begins[begins + k <= length]
+    begin = int(full[-1] if full.size else begins[0])
+    return context[begin: begin + k], n
 
 
 @dataclass(frozen=True)
