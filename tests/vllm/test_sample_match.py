@@ -206,6 +206,56 @@ def _ban_token_class():
     return BanToken
 
 
+def _no_repeat_processor_class():
+    """A custom logits processor reading each request's output so far: the last emitted token is banned
+    for requests with extra_args {"no_repeat": True}."""
+    from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
+
+    class NoRepeat(AdapterLogitsProcessor):
+        def is_argmax_invariant(self) -> bool:
+            return False
+
+        def new_req_logits_processor(self, params):
+            if not (params.extra_args or {}).get("no_repeat"):
+                return None
+
+            def ban_last(output_ids, logits):
+                if output_ids:
+                    logits[output_ids[-1]] = float("-inf")
+                return logits
+
+            return ban_last
+
+    return NoRepeat
+
+
+def test_custom_logits_processor_sees_the_accepted_path(tiny_target, tiny_edd_drafter, monkeypatch):
+    """A history-reading custom processor (refused by vLLM under speculation) under specx: seeded and
+    greedy outputs equal plain decoding's with the same processor, oracle chains accepted."""
+    from vllm import SamplingParams
+
+    from vllm_specx.testing import make_llm, read_spec_metrics, shutdown
+
+    prompts = many_prompts(16)
+    params = [SamplingParams(temperature=0.0 if i % 4 == 0 else 1.0, seed=i, max_tokens=MAX_TOKENS, ignore_eos=True,
+                             extra_args={"no_repeat": i % 2 == 0}) for i in range(16)]
+    processor = _no_repeat_processor_class()
+
+    def run(spec):
+        llm = make_llm(tiny_target, spec, logits_processors=[processor])
+        try:
+            return token_lists(llm.generate(prompts, params, use_tqdm=False)), read_spec_metrics(llm)
+        finally:
+            shutdown(llm)
+
+    plain, _ = run(None)
+    assert all(a != b for t in plain[::2] for a, b in zip(t[0], t[0][1:]))  # the processor acted
+    install_chain_oracle(monkeypatch, tiny_target, prompts, [t[0] for t in plain])
+    spec, metrics = run({"method": "eagle3", "model": tiny_edd_drafter, "num_speculative_tokens": K})
+    assert spec == plain
+    assert metrics.num_accepted_tokens >= 1.5 * metrics.num_drafts, metrics
+
+
 def test_seeded_trees_equal_plain_decoding_with_every_parameter(tiny_target, edd_tree_drafter, seeded_plain,
                                                                 monkeypatch):
     """Oracle trees (tests/vllm/trees.py) built from the plain seeded outputs: their chain tokens are wrong

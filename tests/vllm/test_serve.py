@@ -1,7 +1,8 @@
 """Smoke test of `vllm-specx serve`: vLLM's OpenAI server on 127.0.0.1 with the tiny random target and an
 untrained EDD drafter as speculative config. Proves: the server starts through the CLI, completions and
-chat completions work, speculation ran (Prometheus draft counter), the specx plugin loaded in more than
-one process, and the server stops on SIGTERM (SIGKILL as a fallback) without leaving processes behind.
+chat completions work, a seeded sampled request repeats (min_p and logit_bias accepted), speculation ran
+(Prometheus draft counter), the specx plugin loaded in more than one process, and the server stops on
+SIGTERM (SIGKILL as a fallback) without leaving processes behind.
 """
 
 from __future__ import annotations
@@ -184,6 +185,17 @@ def test_serve_tiny_target_with_edd_drafter(target_dir, drafter_dir, tmp_path):
         assert body["choices"][0]["message"]["content"], body
         assert body["usage"]["completion_tokens"] == 16, body
         timings["requests_s"] = time.monotonic() - t1
+
+        # --- a seeded sampled request (n = 3) sent twice gives the same texts; min_p and logit_bias are
+        # accepted (vLLM refuses them under its own speculative methods; specx honours them)
+        seeded = {"model": SERVED_NAME, "prompt": "The quick brown fox", "max_tokens": 16, "temperature": 0.8,
+                  "top_p": 0.95, "n": 3, "seed": 123, "min_p": 0.05, "logit_bias": {"11": 2.0}, "ignore_eos": True}
+        texts = []
+        for _ in range(2):
+            r = http.post(f"{base}/v1/completions", timeout=120, json=seeded)
+            assert r.status_code == 200, r.text
+            texts.append([c["text"] for c in r.json()["choices"]])
+        assert texts[0] == texts[1] and len(texts[0]) == 3, texts
 
         # --- speculation ran: the draft counter is exported and positive
         drafts = None
