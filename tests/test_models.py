@@ -96,3 +96,19 @@ def test_serve_adds_the_gemma3_class_only_for_speculative_runs(monkeypatch, tmp_
     assert _target_args(str(tmp_path), ["--port", "1"]) == []
     assert _target_args(str(tmp_path), [*spec, "--model-impl", "transformers"]) == []
     assert _target_args(str(tmp_path), [*spec, "--hf-overrides={}"]) == []
+
+
+def test_user_prompts_follow_the_chat_template_or_the_plain_text(tiny_target):
+    """A chat model's prompts go through its template; a base model's (no template: Gemma-3-270M) are the
+    text itself with the tokenizer's special tokens."""
+    from transformers import AutoTokenizer
+
+    from vllm_specx.models import end_of_turn_id, user_prompt_ids, user_prompt_text
+
+    tok = AutoTokenizer.from_pretrained(tiny_target)
+    ids = user_prompt_ids(tok, "Hi there")
+    assert tok.decode(ids) == user_prompt_text(tok, "Hi there") and "Hi there" in tok.decode(ids) != "Hi there"
+    assert end_of_turn_id(tok) == tok.convert_tokens_to_ids("<|im_end|>")
+    tok.chat_template = None
+    assert user_prompt_ids(tok, "Hi there") == tok("Hi there")["input_ids"]
+    assert user_prompt_text(tok, "Hi there") == "Hi there"

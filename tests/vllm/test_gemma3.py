@@ -118,6 +118,7 @@ def test_vllm_eagle3_on_tiny_gemma3_equals_plain(tiny_gemma3, gemma3_plain, tmp_
     assert res.metrics.num_draft_tokens == 3 * res.metrics.num_drafts > 0
 
 
+@pytest.mark.slow
 def test_edd_on_tiny_gemma3_transformers_backend_equals_plain(tiny_gemma3, gemma3_edd_drafter, gemma3_plain):
     """The alternative without specx's class: vLLM's Transformers modeling backend implements SupportsEagle3."""
     spec = {"method": "eagle3", "model": gemma3_edd_drafter, "num_speculative_tokens": 3}
@@ -154,6 +155,12 @@ def test_gemma3_270m_materialises_and_vllm_equals_transformers_greedy():
     assert check_materialised(folder) < 20
     ids = token_prompts(folder, GEMMA_PROMPTS)
     assert all(x[0] == 2 for x in ids), "the tokenizer must add <bos>"
+    from transformers import AutoTokenizer
+
+    from vllm_specx.models import end_of_turn_id, user_prompt_ids
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert user_prompt_ids(tok, GEMMA_PROMPTS[0]) == ids[0] and end_of_turn_id(tok) == tok.eos_token_id == 1
     ref = hf_greedy(folder, ids, 24, to_eos=True)
     llm = make_llm(folder)
     try:

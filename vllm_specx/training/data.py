@@ -108,13 +108,13 @@ def reference_responses(target: str, pairs: list[tuple[str, str]], out_file: Pat
     target's own distribution on them: labels are the target's top-k at every position."""
     from transformers import AutoTokenizer
 
+    from vllm_specx.models import end_of_turn_id, user_prompt_ids
+
     tok = AutoTokenizer.from_pretrained(target)
-    end = tok.convert_tokens_to_ids("<|im_end|>")
+    end = end_of_turn_id(tok)
     with out_file.open("w") as fh:
         for prompt, answer in pairs:
-            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                          tokenize=True)
-            ids = list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
+            ids = user_prompt_ids(tok, prompt)
             resp = tok(answer, add_special_tokens=False)["input_ids"] + ([end] if end is not None else [])
             if len(ids) < max_len // 2:
                 fh.write(json.dumps({"prompt_ids": ids, "response_ids": resp[: max_len - len(ids)],
@@ -136,11 +136,9 @@ def generate_responses(target: str, prompts: list[str], out_file: Path, max_toke
     if not todo:
         return
     tok = AutoTokenizer.from_pretrained(target)
-    prompt_ids = [
-        tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
-        for p in todo
-    ]
-    prompt_ids = [list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p) for p in prompt_ids]
+    from vllm_specx.models import user_prompt_ids
+
+    prompt_ids = [user_prompt_ids(tok, p) for p in todo]
     keep = max_model_len - max_tokens
     # fp32: on CPUs without native bf16 (AVX2 only) bf16 matmuls are emulated and several times slower
     llm = LLM(target, max_model_len=max_model_len, enforce_eager=True, seed=0, dtype="float32")
