@@ -91,7 +91,8 @@ def test_edd_chain_on_tiny_gemma3_equals_plain(tiny_gemma3, gemma3_edd_drafter, 
 
 
 def test_edd_trees_on_tiny_gemma3_equal_plain(tiny_gemma3, gemma3_edd_drafter, gemma3_plain, tmp_path, monkeypatch):
-    """PCT trees (2 siblings, threshold 0: every step drafts a tree) over the Gemma target's sliding layers."""
+    """PCT trees (2 siblings, threshold 0: every step drafts a tree) over the Gemma target's sliding layers;
+    no hf_overrides given: make_llm selects the class with auxiliary hidden states itself."""
     import json
     import shutil
 
@@ -102,8 +103,7 @@ def test_edd_trees_on_tiny_gemma3_equal_plain(tiny_gemma3, gemma3_edd_drafter, g
     (folder / "specx_config.json").write_text(json.dumps(cfg))
     monkeypatch.setenv("SPECX_TREE", "1")
     spec = {"method": "eagle3", "model": str(folder), "num_speculative_tokens": 3}
-    res = run_generate(tiny_gemma3, PROMPTS, spec, max_tokens=48, ignore_eos=True,
-                       llm_kwargs={"hf_overrides": SPECX_GEMMA3})
+    res = run_generate(tiny_gemma3, PROMPTS, spec, max_tokens=48, ignore_eos=True)
     assert_same_tokens(gemma3_plain["base"].token_ids, res.token_ids)
 
 
@@ -128,11 +128,13 @@ def test_edd_on_tiny_gemma3_transformers_backend_equals_plain(tiny_gemma3, gemma
 
 
 def test_native_gemma3_refuses_eagle3_clearly(tiny_gemma3, gemma3_edd_drafter):
-    """vLLM's own Gemma3ForCausalLM has no auxiliary hidden states: vLLM refuses at start (what the
-    override above is for)."""
+    """vLLM's own Gemma3ForCausalLM has no auxiliary hidden states: vLLM refuses at start. That is why
+    make_llm (and serve) pick SpecxGemma3ForCausalLM for an eagle3 run unless hf_overrides or model_impl is
+    given; model_impl="vllm" keeps vLLM's class here."""
     spec = {"method": "eagle3", "model": gemma3_edd_drafter, "num_speculative_tokens": 3}
     with pytest.raises(Exception, match="EAGLE3"):
-        run_generate(tiny_gemma3, PROMPTS[:1], spec, max_tokens=4)
+        run_generate(tiny_gemma3, PROMPTS[:1], spec, max_tokens=4, llm_kwargs={"model_impl": "vllm"})
+
 
 
 # ------------------------------------------------------------------------ the real Gemma-3-270M (slow)
