@@ -56,6 +56,30 @@ def demo_prompts(path: str | None, n: int) -> list[str]:
     return (FALLBACK_PROMPTS * (n // len(FALLBACK_PROMPTS) + 1))[:n]
 
 
+def run_method(target: str, spec: dict | None, prompts: list[str], max_tokens: int) -> dict:
+    """One engine, the prompts one at a time (batch 1) after a warm-up -> its tokens and figures."""
+    from vllm_specx.testing import generate, make_llm, shutdown
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    llm = make_llm(target, spec, dtype="float32", max_model_len=2048)
+    try:
+        generate(llm, prompts[:1], max_tokens=8)  # warm-up
+        runs = [generate(llm, [p], max_tokens=max_tokens) for p in prompts]
+    finally:
+        shutdown(llm)
+    tokens = [r.token_ids[0] for r in runs]
+    wall = sum(r.wall_s for r in runs)
+    n_out = sum(len(t) for t in tokens)
+    drafts = sum(r.metrics.num_drafts for r in runs)
+    accepted = sum(r.metrics.num_accepted_tokens for r in runs)
+    steps = sum(r.metrics.num_engine_steps for r in runs)
+    return {"tokens": tokens, "wall_s": wall, "output_tokens": n_out, "tokens_per_s": n_out / wall,
+            "target_passes": steps, "tokens_per_target_pass": n_out / steps if steps else None,
+            "num_drafts": drafts, "accepted": accepted,
+            "mean_acceptance_length": 1 + accepted / drafts if drafts else None}
+
+
 def run(args) -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -63,8 +87,7 @@ def run(args) -> int:
 
     from vllm_specx.checkpoint import load_specx_config
     from vllm_specx.models import smollm2_path
-    from vllm_specx.testing import first_divergence, make_llm, shutdown
-    from vllm_specx.testing import generate as vgenerate
+    from vllm_specx.testing import first_divergence
 
     target = str(smollm2_path()) if args.target == "smollm2" else args.target
     target_name = "SmolLM2-135M-Instruct" if args.target == "smollm2" else Path(target).name
@@ -73,27 +96,19 @@ def run(args) -> int:
     tok = AutoTokenizer.from_pretrained(target)
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
                for p in demo_prompts(args.prompts, args.num_prompts)]
+    methods = {"plain": None, "edd": {"method": "eagle3", "model": args.drafter, "num_speculative_tokens": k},
+               "ngram": NGRAM}
     results = {}
-    # vLLM's ngram last: an EAGLE-style engine fails to start in a process where ngram imported numba
-    methods = (("plain", None), ("edd", {"method": "eagle3", "model": args.drafter, "num_speculative_tokens": k}),
-               ("ngram", NGRAM))
-    for name, spec in methods:
-        llm = make_llm(target, spec, dtype="float32", max_model_len=2048)
-        try:
-            vgenerate(llm, prompts[:1], max_tokens=8)  # warm-up
-            runs = [vgenerate(llm, [p], max_tokens=args.max_tokens) for p in prompts]  # batch 1
-        finally:
-            shutdown(llm)
-        tokens = [r.token_ids[0] for r in runs]
-        wall = sum(r.wall_s for r in runs)
-        n_out = sum(len(t) for t in tokens)
-        drafts = sum(r.metrics.num_drafts for r in runs)
-        accepted = sum(r.metrics.num_accepted_tokens for r in runs)
-        steps = sum(r.metrics.num_engine_steps for r in runs)
-        results[name] = {"tokens": tokens, "wall_s": wall, "output_tokens": n_out, "tokens_per_s": n_out / wall,
-                         "target_passes": steps, "tokens_per_target_pass": n_out / steps if steps else None,
-                         "num_drafts": drafts, "accepted": accepted,
-                         "mean_acceptance_length": 1 + accepted / drafts if drafts else None}
+    for name, spec in methods.items():
+        if spec is not None and spec["method"] == "ngram":
+            # its own process: after vLLM's ngram proposer imported numba, an EAGLE-style engine fails to
+            # start in that process (vLLM 0.32's kernel-override scan), here or in a later caller's
+            import multiprocessing
+
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                results[name] = pool.apply(run_method, (target, spec, prompts, args.max_tokens))
+        else:
+            results[name] = run_method(target, spec, prompts, args.max_tokens)
     diff = first_divergence(results["plain"]["tokens"], results["edd"]["tokens"])
     ngram_diff = first_divergence(results["plain"]["tokens"], results["ngram"]["tokens"])
     from vllm_specx.vllm_adapter.edd_model import lookup_settings
