@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_acceptance import (  # noqa: E402
-    RESULTS, ROOT, chat_prompts, load_prompts, machine, overall, packages, run_method)
+    RESULTS, ROOT, chat_prompts, machine, overall, packages, run_method)
 
 EAGLE3_DRAFTER = ROOT / "benchmarks" / "drafters" / "eagle3-smollm2-135m"
 VLLM_METHODS = ("ngram4", "ngram8", "suffix", "eagle3")
@@ -60,6 +60,26 @@ def method_spec(name: str, eagle3_k: int) -> dict | None:
         k = load_specx_config(BUNDLED_DRAFTER).num_speculative_tokens
         return {"method": "eagle3", "model": str(BUNDLED_DRAFTER), "num_speculative_tokens": k}
     raise SystemExit(f"unknown method {name!r}; choose from {', '.join(ALL_METHODS)}")
+
+
+def distinct_prompts(sets: list[str], per_category: int) -> list[tuple[str, str]]:
+    """[("set/category", text)], per_category evenly spread prompts of each set's categories, none repeated:
+    Spec-Bench's multi-turn category is MT-Bench's questions, and a repeated prompt would hand a method that
+    caches earlier outputs (suffix decoding's global tree) the answer it generated before."""
+    from vllm_specx.eval_sets import load_prompt_set
+
+    seen: set[str] = set()
+    out = []
+    for spec in sets:
+        by_cat: dict[str, list[str]] = {}
+        for cat, text in load_prompt_set(spec):
+            if text not in seen:
+                by_cat.setdefault(cat, []).append(text)
+        for cat, texts in by_cat.items():
+            picked = [texts[(i * len(texts)) // per_category] for i in range(min(per_category, len(texts)))]
+            seen.update(picked)
+            out += [(spec if cat == spec else f"{spec}/{cat}", t) for t in picked]
+    return out
 
 
 def step_shares(o: dict, counters: dict, batch: int) -> None:
@@ -124,7 +144,7 @@ def main() -> None:
     kwargs["enforce_eager"] = not args.compiled
     os.environ["SPECX_LLM_KWARGS"] = json.dumps(kwargs)  # every method's engine (make_llm reads it)
     target = str(smollm2_path())
-    prompts = chat_prompts(target, load_prompts(args.prompts, args.per_category))
+    prompts = chat_prompts(target, distinct_prompts(args.prompts, args.per_category))
     specs = {m: method_spec(m, args.eagle3_k) for m in args.methods}
     result = {"what": "specx as shipped vs vLLM's own speculative methods", "target": "SmolLM2-135M-Instruct",
               "prompts": args.prompts, "per_category": args.per_category, "num_prompts": len(prompts),
