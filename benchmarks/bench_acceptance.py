@@ -337,9 +337,10 @@ def main() -> None:
     print(f"wrote {out}")
 
 
-def _write(result: dict, tag: str) -> Path:
+def _write(result: dict, tag: str, prefix: str = "acceptance") -> Path:
+    """results/<prefix>_<tag>.json, replaced atomically (a reader never sees half a file)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"acceptance_{tag}.json"
+    out = RESULTS / f"{prefix}_{tag}.json"
     tmp = out.with_suffix(".part")
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(out)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_acceptance import (  # noqa: E402
-    RESULTS, ROOT, chat_prompts, machine, overall, packages, run_method)
+    ROOT, _write, chat_prompts, machine, overall, packages, run_method)
 
 EAGLE3_DRAFTER = ROOT / "benchmarks" / "drafters" / "eagle3-smollm2-135m"
 VLLM_METHODS = ("ngram4", "ngram8", "suffix", "eagle3")
@@ -169,11 +169,11 @@ def main() -> None:
             step_shares(run["overall"], counters, batch)
             result["runs"][f"{m}@{batch}"] = run
             add_ratios(result, batch, list(specs))
-            _write(result, args.tag)  # partial results survive an interrupted run
+            _write(result, args.tag, "vs_vllm")  # partial results survive an interrupted run
             o = run["overall"]
             print(f"{m}@{batch}: {o['tokens_per_s']:.2f} tok/s, {o['tokens_per_target_pass']:.3f} tokens/pass, "
                   f"x{o.get('speedup') or float('nan'):.3f} none", flush=True)
-    out = _write(result, args.tag)
+    out = _write(result, args.tag, "vs_vllm")
     plot(result, out.with_suffix(".png"))
     print(table(result))
     print(f"wrote {out}")
@@ -226,15 +226,6 @@ def plot(result: dict, path: Path) -> None:
                  f"{result['machine']['cores']} cores")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-
-
-def _write(result: dict, tag: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"vs_vllm_{tag}.json"
-    tmp = out.with_suffix(".part")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
-    return out
 
 
 if __name__ == "__main__":

