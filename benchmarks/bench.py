@@ -105,15 +105,15 @@ C64 = ["--concurrency", "64", "--max-tokens", "64"]
 REGISTRY: dict[str, Bench] = {
     # --- the headline: specx as shipped against vLLM's own methods (bench_vs_vllm.py) ---
     "vs-vllm-b1-eager": Bench(
-        "bench_vs_vllm.py", [Run(["--batch-sizes", "1"])],
+        "bench_vs_vllm.py", [Run(["--batch-sizes", "1", "--repeats", "2"])],
         "specx as shipped vs none, ngram4, ngram8, suffix, eagle3; batch 1, eager target (README's headline)",
         tag="b1_eager", output="vs_vllm_{tag}.json"),
     "vs-vllm-b1-compiled": Bench(
-        "bench_vs_vllm.py", [Run(["--batch-sizes", "1", "--compiled"])],
+        "bench_vs_vllm.py", [Run(["--batch-sizes", "1", "--compiled", "--repeats", "2"])],
         "the same at batch 1 with a compiled target (torch.compile, enforce_eager=False)",
         tag="b1_compiled", output="vs_vllm_{tag}.json"),
     "vs-vllm-b32-eager": Bench(
-        "bench_vs_vllm.py", [Run(["--batch-sizes", "32"])],
+        "bench_vs_vllm.py", [Run(["--batch-sizes", "32", "--repeats", "2"])],
         "the same at batch 32, eager target", tag="b32_eager", output="vs_vllm_{tag}.json"),
     "vs-vllm-serve-c64": Bench(
         "bench_serve_load.py",
@@ -122,6 +122,11 @@ REGISTRY: dict[str, Bench] = {
               "--max-tokens", "64"])],
         "64 requests in flight on vllm-specx serve: none, vLLM ngram (k 8), specx as shipped",
         tag="vs_vllm_c64_smollm2_cpu", output="serve_{tag}.json"),
+    "pass-breakdown": Bench(
+        "bench_pass_breakdown.py", [Run([])],
+        "where a batch-1 target pass's wall time goes (target forward, LM head, sampler, drafter, specx's hooks) "
+        "for none, ngram8 and specx, measured inside the engine",
+        tag="b1_smollm2_cpu_intel", output="pass_breakdown_{tag}.json"),
     "cost-breakdown": Bench(
         "cost_breakdown.py", [Run([])],
         "per-pass cost terms (plain step, each verified token, each draft level) from the bundled drafter's "

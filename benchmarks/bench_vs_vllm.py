@@ -1,5 +1,10 @@
 """specx as shipped against vLLM's own speculative methods: one run, one machine, each method in its own process.
 
+Wall time of one engine process varies by about 10 % from process to process on a shared 2-core machine, so
+`--repeats R` runs every method R times, round-robin (none, ngram4, ..., specx, then again), and pools the
+repeats (tokens/s = all output tokens / all wall time; token and pass counts are identical across greedy
+repeats); each repeat's tokens/s is kept in `overall.tokens_per_s_repeats`.
+
   python benchmarks/bench_vs_vllm.py --batch-sizes 1 --tag b1_eager
   python benchmarks/bench_vs_vllm.py --batch-sizes 1 --compiled --tag b1_compiled
   python benchmarks/bench_vs_vllm.py --batch-sizes 32 --tag b32_eager
@@ -34,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_acceptance import (  # noqa: E402
-    ROOT, _write, chat_prompts, machine, overall, packages, run_method)
+    ROOT, _write, chat_prompts, machine, overall, packages, run_method, summarize)
 
 EAGLE3_DRAFTER = ROOT / "benchmarks" / "drafters" / "eagle3-smollm2-135m"
 VLLM_METHODS = ("ngram4", "ngram8", "suffix", "eagle3")
@@ -80,6 +85,27 @@ def distinct_prompts(sets: list[str], per_category: int) -> list[tuple[str, str]
             seen.update(picked)
             out += [(spec if cat == spec else f"{spec}/{cat}", t) for t in picked]
     return out
+
+
+ADDITIVE = ("wall_s", "output_tokens", "drafts", "draft_tokens", "accepted", "target_passes")
+
+
+def pooled_run(repeats: list[tuple[dict, dict]], batch: int) -> dict:
+    """One method's repeats [(per_cat, counters)] pooled into one run: additive figures summed per category
+    and re-summarised, specx's counters summed; overall.tokens_per_s_repeats holds each repeat's tok/s."""
+    per_cat = {}
+    for cat in repeats[0][0]:
+        d = {k: sum(pc[cat].get(k, 0) for pc, _ in repeats) for k in ADDITIVE}
+        d["accepted_per_pos"] = [sum(x) for x in zip(*(pc[cat].get("accepted_per_pos", []) for pc, _ in repeats))]
+        per_cat[cat] = summarize(d)
+    counters = {k: sum(c.get(k, 0.0) for _, c in repeats) for k in repeats[0][1]}
+    sets = sorted({c.split("/")[0] for c in per_cat})
+    run = {"per_category": per_cat, "overall": overall(per_cat),
+           "per_set": {s: overall({c: v for c, v in per_cat.items() if c.split("/")[0] == s}) for s in sets},
+           "specx_counters": counters}
+    run["overall"]["tokens_per_s_repeats"] = [overall(pc)["tokens_per_s"] for pc, _ in repeats]
+    step_shares(run["overall"], counters, batch)
+    return run
 
 
 def step_shares(o: dict, counters: dict, batch: int) -> None:
@@ -135,6 +161,7 @@ def main() -> None:
     ap.add_argument("--compiled", action="store_true", help="compiled target (enforce_eager=False); default eager")
     ap.add_argument("--suffix-python", default=str(ROOT / ".venv-suffix" / "bin" / "python"),
                     help="interpreter of a venv with arctic-inference (scripts/install_suffix.sh)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per method, round-robin, pooled (see above)")
     ap.add_argument("--tag", default="b1_eager")
     args = ap.parse_args()
 
@@ -153,26 +180,29 @@ def main() -> None:
               "speculative_configs": specs, "machine": machine(), "packages": packages(),
               "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": {}, "skipped": {}}
-    for batch in args.batch_sizes:
-        for m, spec in specs.items():
-            python = None
-            if m == "suffix":
-                if not Path(args.suffix_python).exists():
-                    result["skipped"][m] = f"{args.suffix_python} not found (bash scripts/install_suffix.sh makes it)"
-                    continue
-                python = args.suffix_python
-            per_cat, _, counters = run_method(target, spec, prompts, batch, args.max_tokens, python=python)
-            sets = sorted({c.split("/")[0] for c in per_cat})
-            run = {"per_category": per_cat, "overall": overall(per_cat),
-                   "per_set": {s: overall({c: v for c, v in per_cat.items() if c.split("/")[0] == s}) for s in sets},
-                   "specx_counters": counters}
-            step_shares(run["overall"], counters, batch)
-            result["runs"][f"{m}@{batch}"] = run
-            add_ratios(result, batch, list(specs))
-            _write(result, args.tag, "vs_vllm")  # partial results survive an interrupted run
-            o = run["overall"]
-            print(f"{m}@{batch}: {o['tokens_per_s']:.2f} tok/s, {o['tokens_per_target_pass']:.3f} tokens/pass, "
-                  f"x{o.get('speedup') or float('nan'):.3f} none", flush=True)
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be at least 1")
+    result["repeats"] = args.repeats
+    done: dict[str, list[tuple[dict, dict]]] = {}  # "method@batch" -> [(per_cat, counters)] per repeat
+    for rep in range(args.repeats):
+        for batch in args.batch_sizes:
+            for m, spec in specs.items():
+                python = None
+                if m == "suffix":
+                    if not Path(args.suffix_python).exists():
+                        result["skipped"][m] = f"{args.suffix_python} not found (bash scripts/install_suffix.sh makes it)"
+                        continue
+                    python = args.suffix_python
+                per_cat, _, counters = run_method(target, spec, prompts, batch, args.max_tokens, python=python)
+                done.setdefault(f"{m}@{batch}", []).append((per_cat, counters))
+                run = pooled_run(done[f"{m}@{batch}"], batch)
+                result["runs"][f"{m}@{batch}"] = run
+                add_ratios(result, batch, list(specs))
+                _write(result, args.tag, "vs_vllm")  # partial results survive an interrupted run
+                o = run["overall"]
+                print(f"[repeat {rep + 1}/{args.repeats}] {m}@{batch}: {o['tokens_per_s_repeats'][-1]:.2f} tok/s "
+                      f"(pooled {o['tokens_per_s']:.2f}), {o['tokens_per_target_pass']:.3f} tokens/pass, "
+                      f"x{o.get('speedup') or float('nan'):.3f} none", flush=True)
     out = _write(result, args.tag, "vs_vllm")
     plot(result, out.with_suffix(".png"))
     print(table(result))
@@ -181,13 +211,14 @@ def main() -> None:
 
 def table(result: dict) -> str:
     """Markdown: per method and batch size, overall tok/s, x none, x best vLLM method, tokens per pass."""
-    rows = ["| method | batch | tok/s | x none | x best vLLM | tokens per target pass (per request) | drafted steps |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| method | batch | tok/s | tok/s per repeat | x none | x best vLLM | tokens per target pass (per request) "
+            "| drafted steps |", "|---|---|---|---|---|---|---|---|"]
     for key, run in result["runs"].items():
         o = run["overall"]
         m, b = key.split("@")
         per_pass = o.get("tokens_per_target_pass" if b == "1" else "tokens_per_request_pass")
-        rows.append(f"| {m} | {b} | {o['tokens_per_s']:.1f} | {_f(o.get('speedup'))} | {_f(o.get('vs_best_vllm'))} "
+        reps = " / ".join(f"{x:.1f}" for x in o.get("tokens_per_s_repeats", [o["tokens_per_s"]]))
+        rows.append(f"| {m} | {b} | {o['tokens_per_s']:.1f} | {reps} | {_f(o.get('speedup'))} | {_f(o.get('vs_best_vllm'))} "
                     f"| {_f(per_pass, 3)} | {_f(o.get('drafted_step_share'), 2)} |")
     return "\n".join(rows)
 

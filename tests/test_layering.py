@@ -1,5 +1,6 @@
 """The layering the code relies on: the engine-free core imports no vLLM, and the vLLM adapter (runtime)
-imports neither the test harness (`vllm_specx.testing`) nor the calibration command (`vllm_specx.calibrate`)."""
+imports neither the test harness (`vllm_specx.testing`) nor the calibration command (`vllm_specx.calibrate`),
+and keeps each unit under 500 lines."""
 
 import ast
 from pathlib import Path
@@ -27,3 +28,10 @@ def test_adapter_imports_neither_the_test_harness_nor_the_calibration_command():
     banned = {"vllm_specx.testing", "vllm_specx.calibrate"}
     offenders = {p.name: sorted(imported_modules(p) & banned) for p in (PKG / "vllm_adapter").glob("*.py")}
     assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_adapter_files_stay_small():
+    """One concern per adapter unit (draft length, lookup choice, runner hooks, tree steps, tree backends,
+    ...): no file over 500 lines."""
+    sizes = {p.name: len(p.read_text().splitlines()) for p in (PKG / "vllm_adapter").glob("*.py")}
+    assert not {k: v for k, v in sizes.items() if v > 500}

@@ -44,7 +44,7 @@ class SpecxConfig:
     vocab: dict[str, Any] = field(default_factory=dict)  # subset-head tensors and sizes (see vllm_adapter.vocab_head)
     tree: dict[str, Any] = field(default_factory=dict)
     early_stop: dict[str, Any] = field(default_factory=dict)
-    lookup: dict[str, Any] = field(default_factory=dict)  # prompt-lookup candidates (draft_length.LookupCandidates)
+    lookup: dict[str, Any] = field(default_factory=dict)  # prompt-lookup candidates (lookup_choice.LookupCandidates)
     training: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> SpecxConfig:

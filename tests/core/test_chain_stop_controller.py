@@ -301,7 +301,7 @@ def _weak_draft_step(ctl, tokens, lengths):
 
 def _lookup_controller(confidence_model, threshold=0.3):
     from vllm_specx.core.lookup import LookupTable
-    from vllm_specx.vllm_adapter.draft_length import LookupCandidates
+    from vllm_specx.vllm_adapter.lookup_choice import LookupCandidates
 
     lookup = LookupCandidates(LookupTable(first=(0.2, 0.5, 0.6, 0.9), deeper=(0.5, 0.6, 0.7, 0.9)))
     return ChainStopController(DraftLengthPolicy(4, confidence_model), None, lambda b: threshold, lookup=lookup)
@@ -356,7 +356,7 @@ def test_lookup_scales_are_computed_once_per_step_and_afresh_after_feedback(conf
 
 
 def test_lookup_sees_the_tokens_sampled_this_step_and_never_passes_max_model_len(confidence_model):
-    from vllm_specx.vllm_adapter.draft_length import _pending_tokens
+    from vllm_specx.vllm_adapter.runner_hooks import _pending_tokens
 
     ctl = _lookup_controller(confidence_model)
     tokens, lengths = _lookup_batch()
@@ -533,7 +533,7 @@ def test_v2_step_is_settled_in_the_draft_block_from_v2s_own_token_rows(confidenc
     placeholder lists to them once."""
     from types import SimpleNamespace
 
-    from vllm_specx.vllm_adapter.draft_length import V2TokenHistory, _settle_v2, _wrap_take
+    from vllm_specx.vllm_adapter.runner_hooks import V2TokenHistory, _settle_v2, _wrap_take
 
     tokens, lengths = _lookup_batch()
     states = torch.zeros(3, 32, dtype=torch.int32)  # batch row 0 ("a") is state row 2, row 1 ("b") state row 0

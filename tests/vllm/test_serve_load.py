@@ -127,6 +127,7 @@ def drafter_with_early_stop(tiny_edd_drafter, tmp_path_factory) -> str:
     return str(folder)
 
 
+@pytest.mark.slow  # two servers and 128 requests: about 2 minutes; test_serve.py covers serving in the default suite
 @pytest.mark.timeout(900)
 def test_burst_of_64_mixed_requests_equals_plain_server(tiny_target, drafter_with_early_stop, tmp_path):
     plan = _request_plan(N_REQUESTS)

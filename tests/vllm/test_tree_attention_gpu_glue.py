@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vllm_specx.vllm_adapter import tree_step
+from vllm_specx.vllm_adapter import tree_backends, tree_step
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,7 +59,7 @@ def _vllm_config(impls: dict, cudagraph: str = "PIECEWISE"):
 
 @pytest.fixture
 def on_cuda(monkeypatch):
-    monkeypatch.setattr(tree_step, "_platform", lambda: "cuda")
+    monkeypatch.setattr(tree_backends, "_platform", lambda: "cuda")
 
 
 def test_tree_attention_problem_names_the_layer_and_the_fix_on_gpus(on_cuda):
@@ -67,37 +67,37 @@ def test_tree_attention_problem_names_the_layer_and_the_fix_on_gpus(on_cuda):
     from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl
 
     fa, triton_impl = _impl(FlashAttentionImpl), _impl(TritonAttentionImpl)
-    assert tree_step.tree_attention_problem(_vllm_config({"a": fa, "b": triton_impl})) is None
-    assert tree_step.tree_attention_problem(_vllm_config({"a": fa}, cudagraph="NONE")) is None
-    assert "no attention layer" in tree_step.tree_attention_problem(_vllm_config({}))  # nothing seen: no pass
-    problem = tree_step.tree_attention_problem(_vllm_config({"a": fa}, cudagraph="FULL_AND_PIECEWISE"))
+    assert tree_backends.tree_attention_problem(_vllm_config({"a": fa, "b": triton_impl})) is None
+    assert tree_backends.tree_attention_problem(_vllm_config({"a": fa}, cudagraph="NONE")) is None
+    assert "no attention layer" in tree_backends.tree_attention_problem(_vllm_config({}))  # nothing seen: no pass
+    problem = tree_backends.tree_attention_problem(_vllm_config({"a": fa}, cudagraph="FULL_AND_PIECEWISE"))
     assert "FULL CUDA graphs" in problem and "PIECEWISE" in problem
 
     class FlashInferImpl:  # a backend specx does not wrap
         pass
 
-    problem = tree_step.tree_attention_problem(_vllm_config({"a": fa, "model.layers.1.attn": FlashInferImpl()}))
+    problem = tree_backends.tree_attention_problem(_vllm_config({"a": fa, "model.layers.1.attn": FlashInferImpl()}))
     assert "model.layers.1.attn" in problem and "FlashInferImpl" in problem and "FLASH_ATTN" in problem
 
     class DiffKVImpl(FlashAttentionImpl):  # a subclass may override forward or keep another cache layout
         pass
 
-    assert "DiffKVImpl" in tree_step.tree_attention_problem(_vllm_config({"a": _impl(DiffKVImpl)}))
+    assert "DiffKVImpl" in tree_backends.tree_attention_problem(_vllm_config({"a": _impl(DiffKVImpl)}))
     cfg = _vllm_config({"a": fa})
     cfg.compilation_config.static_forward_context["a"].attn_backend = SimpleNamespace(
         forward_includes_kv_cache_update=True)  # K/V written inside forward: not there when specx attends
-    assert "writes its KV cache inside forward" in tree_step.tree_attention_problem(cfg)
+    assert "writes its KV cache inside forward" in tree_backends.tree_attention_problem(cfg)
     for attrs, words in (({"sliding_window": (127, 0)}, "sliding-window"), ({"kv_cache_dtype": "fp8_e4m3"}, "quantized"),
                          ({"sinks": torch.zeros(4)}, "sinks"), ({"logits_soft_cap": 30.0}, "soft-capping"),
                          ({"dcp_world_size": 2}, "context parallelism")):
-        problem = tree_step.tree_attention_problem(_vllm_config({"a": fa, "b": _impl(TritonAttentionImpl, **attrs)}))
+        problem = tree_backends.tree_attention_problem(_vllm_config({"a": fa, "b": _impl(TritonAttentionImpl, **attrs)}))
         assert problem.startswith("layer b:") and words in problem, (attrs, problem)
 
 
 def test_cpu_platform_accepts_only_vllm_cpus_backend():
     from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
 
-    problem = tree_step.tree_attention_problem(_vllm_config({"a": _impl(FlashAttentionImpl)}))
+    problem = tree_backends.tree_attention_problem(_vllm_config({"a": _impl(FlashAttentionImpl)}))
     assert "CPUAttentionBackendImpl" in problem  # this machine is the CPU platform
 
 
@@ -106,13 +106,13 @@ def test_kv_views_of_a_gpu_backend_layer_are_its_own_cache_views():
 
     cache = torch.randn(5, 2, 16, 2 * 32)  # logical [num_blocks, Hkv, block_size, 2*D]
     layer = SimpleNamespace(impl=_impl(TritonAttentionImpl), kv_cache=cache)
-    k, v = tree_step.kv_views(layer)
+    k, v = tree_backends.kv_views(layer)
     assert k.shape == v.shape == (5, 16, 2, 32)
     assert torch.equal(k[3, 7, 1], cache[3, 1, 7, :32]) and torch.equal(v[3, 7, 1], cache[3, 1, 7, 32:])
     v[0, 0, 0] = 1.5  # writable views of the cache itself
     assert torch.equal(cache[0, 0, 0, 32:], torch.full((32,), 1.5))
     with pytest.raises(NotImplementedError, match="no KV layout"):
-        tree_step.kv_views(SimpleNamespace(impl=object(), kv_cache=cache))
+        tree_backends.kv_views(SimpleNamespace(impl=object(), kv_cache=cache))
 
 
 def test_installing_gpu_tree_hooks_checks_the_gpu_backends_internals(monkeypatch):

@@ -50,7 +50,7 @@ def test_drafted_trees_are_lossless(tiny_target, edd_tree_drafter, tiny_plain_ou
 def test_cpu_kv_views_read_and_write_what_vllm_cache_writer_wrote(dtype):
     from vllm import _custom_ops as ops
 
-    from vllm_specx.vllm_adapter.tree_step import cpu_kv_views
+    from vllm_specx.vllm_adapter.tree_backends import cpu_kv_views
 
     nb, kvh, bs, d = 4, 2, 32, 64
     cache = torch.zeros(nb, kvh, bs, 2 * d, dtype=dtype)

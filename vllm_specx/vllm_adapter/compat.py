@@ -150,7 +150,7 @@ INTERNALS: tuple[Internal, ...] = (
              "rows each), draft_token_ids [total drafts] in batch order, max_spec_len (set in __post_init__)",
              members=("__dataclass_fields__",), fields=("cu_num_sampled_tokens", "num_draft_tokens",
                                                         "draft_token_ids"), runner="v1"),
-    # PCT trees: the attention backends whose forward a tree step replaces (tree_step.TREE_BACKENDS), checked
+    # PCT trees: the attention backends whose forward a tree step replaces (tree_backends.TREE_BACKENDS), checked
     # when the tree hooks install (runner "trees"): a forward with this signature, the step's K/V written
     # before it (the backend's forward_includes_kv_cache_update is False), metadata with these fields
     Internal("vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl.forward",
@@ -276,7 +276,7 @@ INTERNALS: tuple[Internal, ...] = (
              "V2 early stop and PCT trees: no FULL CUDA graph over decode / draft steps "
              "(cudagraph_mode.decode_mode()); trees: at load every attention layer of static_forward_context "
              "(name -> layer with .impl, .kv_cache) is checked for a backend specx wraps "
-             "(tree_step.tree_attention_problem)", is_class=True, fields=("cudagraph_mode", "static_forward_context")),
+             "(tree_backends.tree_attention_problem)", is_class=True, fields=("cudagraph_mode", "static_forward_context")),
     Internal("vllm.config.speculative:SpeculativeConfig",
              "specx is requested through method='eagle3' + a drafter folder; prefix_cache.py reads "
              "draft_model_config.architectures; early stop refuses vLLM's own adaptive verification (V2)",

@@ -273,9 +273,9 @@ class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
         are not in its KV cache (PCT expansion below runner-up tokens): row r continues the chain of its
         request whose drafter cache holds positions < slots[r] (block_table [R, max_blocks], that request's
         row), with parent_tokens[r] at position slots[r] and tokens[r] after it. Reads the cache, writes
-        nothing (the cache read through tree_step.kv_views: a backend trees support)."""
+        nothing (the cache read through tree_backends.kv_views: a backend trees support)."""
         from vllm_specx.core.tree_attention import branch_attention_paged
-        from vllm_specx.vllm_adapter.tree_step import kv_views
+        from vllm_specx.vllm_adapter.tree_backends import kv_views
 
         attn = self.model.self_attn.attn
         key_cache, value_cache = kv_views(attn)
@@ -335,9 +335,10 @@ def _draft_length_controller(vllm_config, runner: str, specx, vocab_mode: str):
         init_logger(__name__).warning("vllm-specx: drafting at fixed K (early stop, trees and lookup chains "
                                       "off): %s", problem)
         return None
-    from vllm_specx.vllm_adapter.draft_length import install_runner_hooks, load_controller
-
-    from vllm_specx.vllm_adapter.tree_step import tree_attention_problem, trees_verifiable
+    from vllm_specx.vllm_adapter.draft_length import load_controller
+    from vllm_specx.vllm_adapter.runner_hooks import install_runner_hooks
+    from vllm_specx.vllm_adapter.tree_backends import tree_attention_problem
+    from vllm_specx.vllm_adapter.tree_step import trees_verifiable
 
     single_worker = trees_verifiable(getattr(speculative_config, "target_parallel_config", None))
     # attention backends and CUDA graphs: checked once here (the target's layers exist by now)
