@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_acceptance import (  # noqa: E402
-    ROOT, _write, chat_prompts, machine, overall, packages, run_method, summarize)
+    ROOT, _write, chat_prompts, machine, overall, packages, run_method)
 
 EAGLE3_DRAFTER = ROOT / "benchmarks" / "drafters" / "eagle3-smollm2-135m"
 VLLM_METHODS = ("ngram4", "ngram8", "suffix", "eagle3")
@@ -87,17 +87,11 @@ def distinct_prompts(sets: list[str], per_category: int) -> list[tuple[str, str]
     return out
 
 
-ADDITIVE = ("wall_s", "output_tokens", "drafts", "draft_tokens", "accepted", "target_passes")
-
-
 def pooled_run(repeats: list[tuple[dict, dict]], batch: int) -> dict:
-    """One method's repeats [(per_cat, counters)] pooled into one run: additive figures summed per category
-    and re-summarised, specx's counters summed; overall.tokens_per_s_repeats holds each repeat's tok/s."""
-    per_cat = {}
-    for cat in repeats[0][0]:
-        d = {k: sum(pc[cat].get(k, 0) for pc, _ in repeats) for k in ADDITIVE}
-        d["accepted_per_pos"] = [sum(x) for x in zip(*(pc[cat].get("accepted_per_pos", []) for pc, _ in repeats))]
-        per_cat[cat] = summarize(d)
+    """One method's repeats [(per_cat, counters)] pooled into one run: each category's repeats summed and
+    re-summarised (`overall` over them), specx's counters summed; overall.tokens_per_s_repeats holds each
+    repeat's tok/s."""
+    per_cat = {cat: overall({i: pc[cat] for i, (pc, _) in enumerate(repeats)}) for cat in repeats[0][0]}
     counters = {k: sum(c.get(k, 0.0) for _, c in repeats) for k in repeats[0][1]}
     sets = sorted({c.split("/")[0] for c in per_cat})
     run = {"per_category": per_cat, "overall": overall(per_cat),
