@@ -122,6 +122,16 @@ REGISTRY: dict[str, Bench] = {
               "--max-tokens", "64"])],
         "64 requests in flight on vllm-specx serve: none, vLLM ngram (k 8), specx as shipped",
         tag="vs_vllm_c64_smollm2_cpu", output="serve_{tag}.json"),
+    "specx-on-eagle3": Bench(
+        "bench_vs_vllm.py", [Run(["--methods", "none", "eagle3", "specx_eagle3", "--batch-sizes", "1", "32",
+                                  "--prefix", "specx_on_eagle3"])],
+        "the project's EAGLE-3 drafter as vLLM runs it (eagle3, chain K 3) vs the same checkpoint with specx's "
+        "parts (specx_eagle3: vllm-specx attach); batch 1 and 32, eager", tag="b1", output="specx_on_eagle3_{tag}.json"),
+    "specx-on-eagle3-vs-vllm": Bench(
+        "bench_vs_vllm.py", [Run(["--methods", "none", "ngram8", "suffix", "specx", "specx_eagle3", "--batch-sizes", "1",
+                                  "--prefix", "specx_on_eagle3"])],
+        "batch 1, one run: specx as shipped (EDD) and specx's parts on the EAGLE-3 drafter against none and vLLM's "
+        "best methods of vs_vllm_b1_eager (ngram8, suffix)", tag="vs_vllm_b1", output="specx_on_eagle3_{tag}.json"),
     "pass-breakdown": Bench(
         "bench_pass_breakdown.py", [Run([])],
         "where a batch-1 target pass's wall time goes (target forward, LM head, sampler, drafter, specx's hooks) "
@@ -173,6 +183,15 @@ REGISTRY: dict[str, Bench] = {
         "$OLD_DRAFTER), fixed K=5 and as shipped",
         tag="drafter_data_smollm2_cpu", output="acceptance_{tag}.json", prepare=_old_drafter,
         provides=("OLD_DRAFTER",)),
+    # --- sampled requests: sample-then-match vs vLLM's rejection sampler ---
+    "sample-match": Bench(
+        "bench_acceptance.py",
+        [Run([*SPEC_BENCH_24, "--methods", "none", m("sample_then_match", DRAFTER, 12),
+              m("rejection_sampler", DRAFTER, 12, {"SPECX_SAMPLE_MATCH": "0"}),
+              "--batch-sizes", "1", "--max-tokens", "128", "--temperature", "0.7"])],
+        "seeded sampled requests (temperature 0.7): specx's sample-then-match verification vs vLLM's rejection "
+        "sampler on the same drafter and drafts (SPECX_SAMPLE_MATCH=0); acceptance and tokens/s",
+        tag="sample_match_smollm2_cpu_intel", output="acceptance_{tag}.json"),
     # --- early stop (MCSD) and draft length ---
     "dynamic": Bench(
         "bench_acceptance.py",
@@ -239,6 +258,9 @@ REGISTRY: dict[str, Bench] = {
         "bench_lm_head.py", [Run([])],
         "the SpecVocab LM-head kernel (GPU) or its torch reference (CPU) against full head + top-k "
         "-> lm_head_kernel_<device>.json"),
+    "lm-head-gemma3": Bench(
+        "bench_lm_head.py", [Run(["--shapes", "262144:640", "--batches", "1", "8", "32", "--name", "gemma3_vocab"])],
+        "the same at Gemma-3-270M's head (vocab 262,144, hidden 640) -> lm_head_kernel_<device>_gemma3_vocab.json"),
     "tree-attention": Bench(
         "bench_tree_attention.py", [Run([])],
         "the tree-attention kernel (GPU) or its torch reference (CPU) -> tree_attention_kernel_<device>.json"),

@@ -138,11 +138,14 @@ def _run_method(target: str, spec: dict | None, prompts: list[tuple[str, str]], 
 
     try:
         generate(llm, [prompts[0][1]], max_tokens=8)  # warm-up
+        temperature = float(os.environ.get("SPECX_BENCH_TEMPERATURE", "0"))
         draft_profile.reset()
         counters_before = specx_counters()
         for i in range(0, len(prompts), batch):
             chunk = prompts[i : i + batch]
-            res = generate(llm, [t for _, t in chunk], max_tokens=max_tokens, ignore_eos=False)
+            # SPECX_BENCH_TEMPERATURE > 0: sampled requests, prompt i seeded with 1000 + i
+            res = generate(llm, [t for _, t in chunk], max_tokens=max_tokens, ignore_eos=False,
+                           temperature=temperature, seeds=[1000 + i + j for j in range(len(chunk))])
             # a batch mixes categories at batch > 1: its metrics go to every category in proportion
             share = {c: sum(1 for cc, _ in chunk if cc == c) / len(chunk) for c, _ in chunk}
             for c, f in share.items():
@@ -296,7 +299,10 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--tag", default="smollm2_cpu")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="sampled requests at this temperature (prompt i seeded with 1000 + i); default greedy")
     args = ap.parse_args()
+    os.environ["SPECX_BENCH_TEMPERATURE"] = str(args.temperature)  # every method's process reads it
 
     from vllm_specx.models import smollm2_path
 
@@ -305,7 +311,7 @@ def main() -> None:
     dtype = os.environ.get("SPECX_BENCH_DTYPE", "float32")
     result = {"target": "SmolLM2-135M-Instruct", "prompts": args.prompts, "num_prompts": len(prompts),
               "max_tokens": args.max_tokens, "k": args.k, "methods": args.methods, "batch_sizes": args.batch_sizes,
-              "dtype": dtype, "machine": machine(),
+              "dtype": dtype, "temperature": args.temperature, "machine": machine(),
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": {}}
     specs = {m.split("=", 1)[0]: method_config(m, args.k) for m in args.methods}  # label -> speculative config
     if len(specs) != len(args.methods):

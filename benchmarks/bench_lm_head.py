@@ -269,6 +269,10 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default 1 on CPU: on a shared machine a descheduled "
                              "second thread stalls every parallel region; GPU runs leave it alone)")
+    parser.add_argument("--shapes", nargs="+", default=None, metavar="V:H",
+                        help="only these (vocab, hidden) heads, e.g. 262144:640 (Gemma-3-270M)")
+    parser.add_argument("--batches", nargs="+", type=int, default=None, help="batch sizes (default: the grid's)")
+    parser.add_argument("--name", default=None, help="result name suffix: lm_head_kernel_<device>_<name>.json")
     parser.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)  # fmt: skip
 
@@ -291,6 +295,9 @@ def main(argv=None) -> None:
     else:  # reduced CPU grid: every vocab at the small hidden, two vocabs at 4096
         grid = [(v, 576) for v in VOCABS] + [(49152, 4096), (128256, 4096)]
         batches = (1, 8, 64)
+    if args.shapes:
+        grid = [tuple(int(x) for x in shape.split(":")) for shape in args.shapes]
+    batches = tuple(args.batches) if args.batches else batches
 
     peak_bw, bw_source, measured_bw = default_peak_bandwidth(device)
     if args.peak_bandwidth:
@@ -344,7 +351,7 @@ def main(argv=None) -> None:
     meta["load_average_at_end"] = os.getloadavg()
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"lm_head_kernel_{device_slug(device)}"
+    stem = f"lm_head_kernel_{device_slug(device)}" + (f"_{args.name}" if args.name else "")
     with open(out_dir / f"{stem}.json", "w") as f:
         json.dump({"meta": meta, "results": results, "skipped": skipped}, f, indent=1)
     plot(results, meta, out_dir / f"{stem}.png", use_min=not on_gpu)

@@ -20,6 +20,8 @@ Methods (--methods picks a subset):
   eagle3   vLLM `eagle3` with the project's EAGLE-3 drafter (benchmarks/drafters/eagle3-smollm2-135m), chain K
   specx    the bundled EDD drafter with every shipped default (its specx_config.json: K, early stop, lookup
            candidates, SpecVocab head, cost model)
+  specx_eagle3  eagle3's checkpoint with specx's parts (benchmarks/drafters/specx-eagle3-smollm2-135m, made by
+           `vllm-specx attach`: early stop, lookup candidates, cost model; its specx_config.json's K)
 Per method, prompt set and category: tokens/s and its ratio to `none` and to the best vLLM method of the run
 (`vs_best_vllm`, per category against that category's best), output tokens per target pass, draft tokens
 per pass, and the share of request steps that verified a draft (for specx split into the drafter's chains
@@ -42,8 +44,10 @@ from bench_acceptance import (  # noqa: E402
     ROOT, _write, chat_prompts, machine, overall, packages, run_method)
 
 EAGLE3_DRAFTER = ROOT / "benchmarks" / "drafters" / "eagle3-smollm2-135m"
+# the same EAGLE-3 weights with specx's parts (`vllm-specx attach`; its decision model and lookup table)
+SPECX_EAGLE3_DRAFTER = ROOT / "benchmarks" / "drafters" / "specx-eagle3-smollm2-135m"
 VLLM_METHODS = ("ngram4", "ngram8", "suffix", "eagle3")
-ALL_METHODS = ("none", *VLLM_METHODS, "specx")
+ALL_METHODS = ("none", *VLLM_METHODS, "specx", "specx_eagle3")
 PROMPT_SETS = ["spec_bench", "mt_bench", "humaneval", "gsm8k"]
 
 
@@ -61,9 +65,10 @@ def method_spec(name: str, eagle3_k: int) -> dict | None:
         return {"method": "suffix"}
     if name == "eagle3":
         return {"method": "eagle3", "model": str(EAGLE3_DRAFTER), "num_speculative_tokens": eagle3_k}
-    if name == "specx":
-        k = load_specx_config(BUNDLED_DRAFTER).num_speculative_tokens
-        return {"method": "eagle3", "model": str(BUNDLED_DRAFTER), "num_speculative_tokens": k}
+    if name in ("specx", "specx_eagle3"):
+        folder = BUNDLED_DRAFTER if name == "specx" else SPECX_EAGLE3_DRAFTER
+        k = load_specx_config(folder).num_speculative_tokens
+        return {"method": "eagle3", "model": str(folder), "num_speculative_tokens": k}
     raise SystemExit(f"unknown method {name!r}; choose from {', '.join(ALL_METHODS)}")
 
 
@@ -157,6 +162,7 @@ def main() -> None:
                     help="interpreter of a venv with arctic-inference (scripts/install_suffix.sh)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per method, round-robin, pooled (see above)")
     ap.add_argument("--tag", default="b1_eager")
+    ap.add_argument("--prefix", default="vs_vllm", help="results/<prefix>_<tag>.json")
     args = ap.parse_args()
 
     from vllm_specx.models import smollm2_path
@@ -192,12 +198,12 @@ def main() -> None:
                 run = pooled_run(done[f"{m}@{batch}"], batch)
                 result["runs"][f"{m}@{batch}"] = run
                 add_ratios(result, batch, list(specs))
-                _write(result, args.tag, "vs_vllm")  # partial results survive an interrupted run
+                _write(result, args.tag, args.prefix)  # partial results survive an interrupted run
                 o = run["overall"]
                 print(f"[repeat {rep + 1}/{args.repeats}] {m}@{batch}: {o['tokens_per_s_repeats'][-1]:.2f} tok/s "
                       f"(pooled {o['tokens_per_s']:.2f}), {o['tokens_per_target_pass']:.3f} tokens/pass, "
                       f"x{o.get('speedup') or float('nan'):.3f} none", flush=True)
-    out = _write(result, args.tag, "vs_vllm")
+    out = _write(result, args.tag, args.prefix)
     plot(result, out.with_suffix(".png"))
     print(table(result))
     print(f"wrote {out}")

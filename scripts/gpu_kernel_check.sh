@@ -25,5 +25,8 @@ status=0
 $PY -m pytest -p no:cacheprovider tests/kernels tests/core -m "gpu or not slow" -q -ra 2>&1 \
   | tee "$out/kernel_tests.log" || status=1
 $PY benchmarks/bench_lm_head.py --out-dir "$out" 2>&1 | tee "$out/bench_lm_head.log" || status=1
+# Gemma-3-270M's head (vocab 262,144, hidden 640), where SpecVocab matters most
+$PY benchmarks/bench_lm_head.py --out-dir "$out" --shapes 262144:640 --batches 1 8 32 --name gemma3_vocab 2>&1 \
+  | tee "$out/bench_lm_head_gemma3.log" || status=1
 $PY benchmarks/bench_tree_attention.py --out-dir "$out" 2>&1 | tee "$out/bench_tree_attention.log" || status=1
 exit $status

@@ -30,11 +30,11 @@ def test_register_is_idempotent_and_only_adds_names():
     plugin.register()
     plugin.register()
     added_archs = set(ModelRegistry.get_supported_archs()) - archs_before
-    assert added_archs <= {"SpecxEddForCausalLM", "SpecxGemma3ForCausalLM"}
-    assert {"SpecxEddForCausalLM", "SpecxGemma3ForCausalLM"} <= set(ModelRegistry.get_supported_archs())
+    ours = {"SpecxEddForCausalLM", "SpecxEagle3ForCausalLM", "SpecxGemma3ForCausalLM"}
+    assert added_archs <= ours and ours <= set(ModelRegistry.get_supported_archs())
     assert {k: v for k, v in SUPPORTED_SPECULATORS_TYPES.items() if k in algos_before} == algos_before
-    assert set(SUPPORTED_SPECULATORS_TYPES) - set(algos_before) <= {"specx_edd"}
-    # nothing in vLLM was patched but three functions, wrapped once, whose answers change only for EDD drafters
+    assert set(SUPPORTED_SPECULATORS_TYPES) - set(algos_before) <= {"specx_edd", "specx_eagle3"}
+    # nothing in vLLM was patched but three functions, wrapped once, whose answers change only for specx drafters
     from vllm.sampling_params import SamplingParams
     from vllm.v1.sample import logits_processor
 

@@ -1,7 +1,8 @@
 """Drafter checkpoints: `speculators` format (config.json with `speculators_config`) + `specx_config.json`.
 
 A checkpoint folder holds:
-  config.json           speculators format; `speculators_model_type` = "specx_edd" (or "eagle3")
+  config.json           speculators format; `speculators_model_type` = "specx_edd", "eagle3" (a drafter vLLM
+                        runs alone) or "specx_eagle3" (an EAGLE-3 drafter with specx's parts: `attach.py`)
   model.safetensors     the drafter's own tensors (embedding and LM head come from the target)
   specx_config.json     vllm-specx settings (validated by `SpecxConfig`), incl. the target it was trained for
 """
@@ -16,6 +17,7 @@ from typing import Any
 SPECX_CONFIG_NAME = "specx_config.json"
 SPECX_FORMAT_VERSION = 1
 EDD_SPECULATORS_TYPE = "specx_edd"
+EAGLE3_SPECULATORS_TYPE = "specx_eagle3"  # an EAGLE-3 drafter with specx's parts (`vllm-specx attach`)
 VOCAB_MODES = ("full", "fixed", "speculative")
 
 
@@ -251,3 +253,16 @@ def update_edd_pretrained_config(config_dict: dict, pre_trained_config: dict) ->
     pre_trained_config["target_hidden_size"] = config_dict.get("target_hidden_size", pre_trained_config.get("hidden_size"))
     pre_trained_config["eagle_aux_hidden_state_layer_ids"] = config_dict["eagle_aux_hidden_state_layer_ids"]
     pre_trained_config["draft_vocab_size"] = pre_trained_config["vocab_size"]
+
+
+def update_specx_eagle3_pretrained_config(config_dict: dict, pre_trained_config: dict) -> None:
+    """vLLM speculators-algorithm hook for `specx_eagle3`: vLLM's own `eagle3` conversion, then specx's class
+    (the same layers and weights, with specx's parts)."""
+    from vllm.transformers_utils.configs.speculators.algos import SUPPORTED_SPECULATORS_TYPES
+
+    SUPPORTED_SPECULATORS_TYPES["eagle3"](config_dict=config_dict, pre_trained_config=pre_trained_config)
+    arch = pre_trained_config.get("architectures")
+    if arch != ["Eagle3LlamaForCausalLM"]:
+        raise SpecxConfigError(f"specx attaches to EAGLE-3 drafters with Llama layers; this one builds {arch}. "
+                               "Serve it with vLLM's own method='eagle3'.")
+    pre_trained_config["architectures"] = ["SpecxEagle3ForCausalLM"]

@@ -287,6 +287,7 @@ SUBCOMMANDS: dict[str, str] = {
     "demo": "vllm_specx.demo",
     "train": "vllm_specx.training.cli",
     "calibrate": "vllm_specx.calibrate",
+    "attach": "vllm_specx.attach",
 }
 
 

@@ -111,7 +111,7 @@ def run(args) -> int:
             results[name] = run_method(target, spec, prompts, args.max_tokens)
     diff = first_divergence(results["plain"]["tokens"], results["edd"]["tokens"])
     ngram_diff = first_divergence(results["plain"]["tokens"], results["ngram"]["tokens"])
-    from vllm_specx.vllm_adapter.edd_model import lookup_settings
+    from vllm_specx.vllm_adapter.drafter_parts import lookup_settings
 
     lookup_on = lookup_settings(specx.lookup) is not None  # prompt-lookup candidates beside the drafter
     summary = {

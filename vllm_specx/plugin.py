@@ -16,6 +16,8 @@ logger = logging.getLogger("vllm_specx")
 
 _REGISTERED = False
 EDD_ARCH = "SpecxEddForCausalLM"
+EAGLE3_ARCH = "SpecxEagle3ForCausalLM"  # an attached EAGLE-3 drafter (`vllm-specx attach`)
+SPECX_ARCHS = (EDD_ARCH, EAGLE3_ARCH)
 GEMMA3_EAGLE3_ARCH = "SpecxGemma3ForCausalLM"
 
 
@@ -40,6 +42,8 @@ def register() -> None:
     supported = ModelRegistry.get_supported_archs()
     if EDD_ARCH not in supported:
         ModelRegistry.register_model(EDD_ARCH, "vllm_specx.vllm_adapter.edd_model:SpecxEddForCausalLM")
+    if EAGLE3_ARCH not in supported:
+        ModelRegistry.register_model(EAGLE3_ARCH, "vllm_specx.vllm_adapter.eagle3_model:SpecxEagle3ForCausalLM")
     # A new name (vLLM's own Gemma3ForCausalLM is untouched): a Gemma-3 target with EAGLE-3 auxiliary
     # hidden states, chosen per engine with hf_overrides={"architectures": [GEMMA3_EAGLE3_ARCH]}.
     if GEMMA3_EAGLE3_ARCH not in supported:
@@ -48,9 +52,12 @@ def register() -> None:
 
     from vllm.transformers_utils.configs.speculators.algos import SUPPORTED_SPECULATORS_TYPES
 
-    from vllm_specx.checkpoint import EDD_SPECULATORS_TYPE, update_edd_pretrained_config
+    from vllm_specx.checkpoint import (
+        EAGLE3_SPECULATORS_TYPE, EDD_SPECULATORS_TYPE, update_edd_pretrained_config,
+        update_specx_eagle3_pretrained_config)
 
     SUPPORTED_SPECULATORS_TYPES.setdefault(EDD_SPECULATORS_TYPE, update_edd_pretrained_config)
+    SUPPORTED_SPECULATORS_TYPES.setdefault(EAGLE3_SPECULATORS_TYPE, update_specx_eagle3_pretrained_config)
 
     from vllm_specx.vllm_adapter.prefix_cache import install_prefix_cache_hook
 

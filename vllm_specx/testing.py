@@ -64,23 +64,31 @@ def specx_counter(name: str) -> float:
 
 @contextlib.contextmanager
 def recording_drafts():
-    """Within: every call of the EDD drafter's compute_logits (in this process) appends the argmax of its
-    rows, the tokens it proposed, to the yielded list (one list per call, rows in batch order)."""
+    """Within: every call of a specx drafter's compute_logits (EDD or an attached EAGLE-3, in this process)
+    appends the argmax of its rows, the tokens it proposed, to the yielded list (one list per call, rows in
+    batch order)."""
+    from vllm_specx.vllm_adapter.eagle3_model import SpecxEagle3ForCausalLM
     from vllm_specx.vllm_adapter.edd_model import SpecxEddForCausalLM
 
     drafted: list[list[int]] = []
-    original = SpecxEddForCausalLM.compute_logits
+    classes = (SpecxEddForCausalLM, SpecxEagle3ForCausalLM)
+    originals = [cls.compute_logits for cls in classes]
 
-    def recording(self, hidden_states):
-        logits = original(self, hidden_states)
-        drafted.append(logits.argmax(dim=-1).tolist())
-        return logits
+    def recording(original):
+        def compute_logits(self, hidden_states):
+            logits = original(self, hidden_states)
+            drafted.append(logits.argmax(dim=-1).tolist())
+            return logits
 
-    SpecxEddForCausalLM.compute_logits = recording
+        return compute_logits
+
+    for cls, original in zip(classes, originals):
+        cls.compute_logits = recording(original)
     try:
         yield drafted
     finally:
-        SpecxEddForCausalLM.compute_logits = original
+        for cls, original in zip(classes, originals):
+            cls.compute_logits = original
 
 
 def read_spec_metrics(llm) -> SpecMetrics:

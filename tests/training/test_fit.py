@@ -157,3 +157,47 @@ def test_each_record_source_keeps_its_own_split():
     train2, val2, (val_old, val_new) = F.split_record_sources([old, new], cfg)
     assert ids(val_old) == ids(val) and ids(val_new) == ids(F.split_records(new, cfg)[1])
     assert set(ids(train2)) | set(ids(val2)) == set(ids(old + new)) and not set(ids(train2)) & set(ids(val2))
+
+
+@pytest.mark.parametrize("draft_vocab", [None, 24])
+def test_eagle3_checkpoints_load_for_the_training_stages(tmp_path, draft_vocab):
+    """An exported EAGLE-3 drafter (full head, or its own reduced head + d2t) loads back with the same
+    logits, also under another trainer's tensor names (`layers.0.*`, `t2d`); the early-stop stage then
+    trains its decision model and switches it on in specx_config.json."""
+    from safetensors.torch import save_file
+
+    from vllm_specx.checkpoint import load_specx_config
+    from vllm_specx.training.early_stop_data import train_decision_model
+    from vllm_specx.training.export import load_eagle3
+
+    recs = _records(n=6, n_layers=3)
+    drafter = _eagle3()(recs)
+    embed, head = _weights()
+    if draft_vocab:
+        from vllm_specx.core.eagle3 import Eagle3Drafter
+
+        drafter.cfg.draft_vocab_size = draft_vocab
+        reduced = Eagle3Drafter(drafter.cfg, embed, head)
+        reduced.load_state_dict(drafter.state_dict(), strict=False)
+        reduced.d2t.copy_(torch.arange(0, 2 * draft_vocab, 2) - torch.arange(draft_vocab))  # even target ids
+        drafter = reduced
+    target = TargetSignature(architecture="LlamaForCausalLM", vocab_size=V, hidden_size=H, num_hidden_layers=6)
+    out = export_eagle3(drafter, target, tmp_path / "e3", num_speculative_tokens=3, dtype=torch.float32)
+    tokens, hidden, _, _, _ = F._collate(recs[:1], [0], 10**9)
+    starts = torch.zeros_like(tokens)
+    with torch.no_grad():
+        expected = drafter.logits(drafter.forward_blocks(tokens, hidden, starts))
+        for names in ("ours", "layers.0"):
+            if names == "layers.0":  # rename the tensors as the speculators library writes them
+                state = load_file(str(out / "model.safetensors"))
+                state = {k.replace("midlayer.", "layers.0."): v for k, v in state.items()}
+                save_file({**state, "t2d": torch.ones(V, dtype=torch.bool)}, str(out / "model.safetensors"))
+            loaded = load_eagle3(out, embed, head)
+            got = loaded.logits(loaded.forward_blocks(tokens, hidden, starts))
+            torch.testing.assert_close(got, expected)
+    if draft_vocab:
+        assert torch.isinf(got[..., 1::2]).all() and torch.isfinite(got[..., ::2]).all()
+    train, val = F.split_records(recs, _cfg(val_fraction=0.5))
+    report = train_decision_model(loaded, train, val, k=3, out_dir=out)
+    assert report["examples"] > 0
+    assert load_specx_config(out).early_stop["kind"] == "mlp"

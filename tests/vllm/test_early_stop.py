@@ -278,7 +278,7 @@ def test_early_stop_is_refused_where_per_request_lengths_cannot_be_honoured(monk
     draft step, the drafter drafts at fixed K (with the reason logged) instead of verifying -1 tokens."""
     from vllm.platforms import current_platform
 
-    from vllm_specx.vllm_adapter.edd_model import early_stop_problem
+    from vllm_specx.vllm_adapter.drafter_parts import early_stop_problem
 
     for runner in ("v1", "v2"):
         assert early_stop_problem(_engine_config(), runner) is None

@@ -152,6 +152,26 @@ def test_seeded_random_drafts_equal_plain_and_repeat(tiny_target, tiny_edd_draft
     assert token_lists(plain_n3) == token_lists([first[NUM_PROMPTS]])
 
 
+def test_seeded_sampling_on_an_attached_eagle3_equals_plain(tiny_target, tiny_eagle3_drafter, seeded_plain,
+                                                             monkeypatch, tmp_path):
+    """An EAGLE-3 drafter given specx's parts (`vllm-specx attach`) verifies by sample-then-match too: every
+    sampling parameter (min_p and logit_bias included, which vLLM refuses for its own eagle3) and seeded
+    outputs equal to plain decoding, with oracle drafts (accepted and corrupted)."""
+    from vllm_specx.attach import attach_eagle3
+    from vllm_specx.vllm_adapter import sample_match
+
+    prompts, plain = seeded_plain
+    counts = install_chain_oracle(monkeypatch, tiny_target, prompts, [o.outputs[0].token_ids for o in plain])
+    before = dict(sample_match.STATS)
+    spec = {"method": "eagle3", "model": str(attach_eagle3(tiny_eagle3_drafter, tmp_path / "attached")),
+            "num_speculative_tokens": K}
+    metrics = []
+    outs = _generate(tiny_target, spec, prompts, params_list(NUM_PROMPTS), metrics)
+    assert_equal_outputs(plain, outs)
+    assert sample_match.STATS["steps"] > before["steps"] and counts["oracle_drafts"] > 0
+    assert metrics[0].num_accepted_tokens >= 1.5 * metrics[0].num_drafts, metrics[0]
+
+
 def test_min_p_logit_bias_and_logits_processors_are_allowed_only_for_specx_drafters():
     from types import SimpleNamespace
 
@@ -164,8 +184,10 @@ def test_min_p_logit_bias_and_logits_processors_are_allowed_only_for_specx_draft
     install_request_guards()  # (the plugin's register() did it in this process already)
     params = SamplingParams(temperature=0.8, min_p=0.1, logit_bias={5: 1.0})
     edd = SimpleNamespace(draft_model_config=SimpleNamespace(architectures=["SpecxEddForCausalLM"]))
+    attached = SimpleNamespace(draft_model_config=SimpleNamespace(architectures=["SpecxEagle3ForCausalLM"]))
     eagle3 = SimpleNamespace(draft_model_config=SimpleNamespace(architectures=["LlamaForCausalLMEagle3"]))
     params._validate_spec_decode(edd)  # accepted
+    params._validate_spec_decode(attached)
     with pytest.raises(VLLMValidationError, match="min_p and logit_bias"):
         params._validate_spec_decode(eagle3)
 

@@ -121,3 +121,33 @@ def test_bundled_edd_under_the_v2_runner_drafts_like_v1_on_smollm2(mode, monkeyp
         assert stats["trees"]["tree_requests"] > 0 and stats["trees"]["nodes_accepted"] > 0, stats["trees"]
     else:
         assert stats["trees"]["tree_requests"] == 0
+
+
+SPECX_EAGLE3 = Path(__file__).resolve().parents[2] / "benchmarks" / "drafters" / "specx-eagle3-smollm2-135m"
+
+
+@pytest.mark.slow
+def test_attached_eagle3_equals_plain_on_smollm2_60_prompts(monkeypatch):
+    """The project's EAGLE-3 drafter with specx's parts (`vllm-specx attach`: its decision model, lookup table
+    and cost model) against plain decoding on 60 Spec-Bench prompts in one mixed batch, chains then PCT trees
+    (runner-ups as leaves), with prompt-lookup chains on."""
+    from vllm_specx.models import smollm2_path
+
+    target = str(smollm2_path())
+    prompts = _prompts(60)
+    llm = make_llm(target, max_num_seqs=64, max_model_len=2048)
+    try:
+        plain = generate(llm, prompts, max_tokens=64)
+    finally:
+        shutdown(llm)
+    spec = {"method": "eagle3", "model": str(SPECX_EAGLE3), "num_speculative_tokens": 8}
+    for tree in ("0", "1"):
+        monkeypatch.setenv("SPECX_TREE", tree)
+        monkeypatch.setenv("SPECX_NODE_THRESHOLD", "0.05")  # draft at every batch size: the parts must act
+        llm = make_llm(target, spec, max_num_seqs=64, max_model_len=2048)
+        try:
+            res = generate(llm, prompts, max_tokens=64)
+        finally:
+            shutdown(llm)
+        assert_same_tokens(plain.token_ids, res.token_ids)
+        assert res.metrics.num_accepted_tokens > 0.05 * res.metrics.num_drafts, (tree, res.metrics)

@@ -39,6 +39,7 @@ class Eagle3ArchConfig:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_position_embeddings: int = 8192
+    draft_vocab_size: int | None = None  # a reduced draft vocabulary (own head + d2t map); None: the target's
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -75,6 +76,13 @@ class Eagle3Drafter(nn.Module):
         self.norm = RMSNorm(h, cfg.rms_norm_eps)
         self.register_buffer("embed_weight", embed_weight.detach(), persistent=False)
         self.register_buffer("lm_head_weight", lm_head_weight.detach(), persistent=False)
+        if self.reduced_vocab:  # the checkpoint's own head over draft ids; d2t: draft id -> target id offset
+            self.lm_head = nn.Linear(h, cfg.draft_vocab_size, bias=False)
+            self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
+
+    @property
+    def reduced_vocab(self) -> bool:
+        return self.cfg.draft_vocab_size is not None and self.cfg.draft_vocab_size != self.cfg.vocab_size
 
     def combine(self, aux_hidden: torch.Tensor) -> torch.Tensor:  # [..., n_aux * Ht] -> [..., H]
         return self.fc(aux_hidden)
@@ -82,8 +90,13 @@ class Eagle3Drafter(nn.Module):
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(token_ids, self.embed_weight).to(self.fc.weight.dtype)
 
-    def logits(self, prenorm: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.norm(prenorm), self.lm_head_weight.to(prenorm.dtype))
+    def logits(self, prenorm: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., V] (target ids)
+        if not self.reduced_vocab:
+            return F.linear(self.norm(prenorm), self.lm_head_weight.to(prenorm.dtype))
+        draft = self.lm_head(self.norm(prenorm))  # [..., Vd]; as vLLM: -inf outside the draft vocabulary
+        full = draft.new_full((*draft.shape[:-1], self.cfg.vocab_size), float("-inf"))
+        full[..., torch.arange(draft.shape[-1], device=draft.device) + self.d2t] = draft
+        return full
 
     def _qkv(self, embeds: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor):
         """embeds, hidden: [B, S, H] -> q [B, nq, S, hd], k/v [B, nkv, S, hd], residual [B, S, H]."""

@@ -5,9 +5,10 @@
   record  teacher-forced target pass: hidden state at the drafter layer + top-k distribution
   fit     KL training of the drafter (--drafter edd, or the eagle3 baseline) with the block mask
   export  speculators-format checkpoint + specx_config.json
-  early-stop  MCSD decision model (EDD only): examples from the trained drafter on recorded
-          sequences, MLP vs confidence-only logistic (held-out AUC / ECE), saved beside the drafter
-          (not in the default --stages; add it explicitly)
+  early-stop  MCSD decision model: examples from the drafter in --out (EDD, or with --drafter eagle3 an
+          EAGLE-3 checkpoint: exported by `fit`, or another trainer's attached by `vllm-specx attach`, read
+          at its own auxiliary layers) on recorded sequences, MLP vs confidence-only logistic (held-out
+          AUC / ECE), saved beside the drafter (not in the default --stages; add it explicitly)
   vocab   SpecVocab projection (auxiliary loss, drafter frozen) + fixed reduced vocabulary (EDD only),
           saved beside the drafter; --vocab-mode picks the mode the checkpoint runs in (not in the
           default --stages)
@@ -95,7 +96,10 @@ def run(args) -> int:
         raise SystemExit(f"--target {target} has no config.json: give an HF model folder, 'smollm2' or 'gemma3'")
     target_cfg = AutoConfig.from_pretrained(target)
     arch = default_arch_for_target(target_cfg)
-    aux_ids = eagle3_aux_layer_ids(target_cfg.num_hidden_layers)
+    # an EAGLE-3 drafter already in --out (exported, or another trainer's attached with `vllm-specx attach`)
+    # is read at its own auxiliary layers
+    aux_ids = _drafter_aux_ids(args.out) if args.drafter == "eagle3" else None
+    aux_ids = aux_ids or eagle3_aux_layer_ids(target_cfg.num_hidden_layers)
     record_layers = sorted({arch.target_layer_id, *aux_ids})  # one recording serves EDD and EAGLE-3
     eval_files = [Path(f) for f in args.eval_files] if args.eval_files is not None else [
         Path.cwd().parent / "shared/data/spec_bench_question.jsonl", Path.cwd().parent / "shared/data/gsm8k_test.jsonl"]
@@ -179,14 +183,15 @@ def run(args) -> int:
         print(f"exported {args.drafter} drafter to {out}")
     if "early-stop" in stages:
         from vllm_specx.training.early_stop_data import train_decision_model
-        from vllm_specx.training.export import load_edd
+        from vllm_specx.training.export import load_eagle3, load_edd
 
-        if args.drafter != "edd":
-            raise SystemExit("the early-stop stage trains the decision model of an EDD drafter: use --drafter edd")
-        if drafter is None:
+        if drafter is None and args.drafter == "edd":
             drafter, _ = load_edd(args.out, embed, lm_head)
+        elif drafter is None:
+            drafter = load_eagle3(args.out, embed, lm_head, target_cfg.num_hidden_layers)
         report = train_decision_model(drafter, train_recs, val_recs, args.num_speculative_tokens, Path(args.out),
                                       seed=args.seed)
+        _record_command(args.out, "early_stop", args)
         print(json.dumps(report, indent=2))
     if "vocab" in stages:
         from vllm_specx.training.export import load_edd
@@ -212,6 +217,21 @@ def run(args) -> int:
                             command="vllm-specx train " + " ".join(_argv(args)))
         print(json.dumps(report, indent=2))
     return 0
+
+
+def _record_command(out: str, section: str, args) -> None:
+    """The stage's exact command beside its result in the drafter's specx_config.json."""
+    from vllm_specx.checkpoint import SPECX_CONFIG_NAME, load_specx_config
+
+    specx = load_specx_config(out)
+    getattr(specx, section)["command"] = "vllm-specx train " + " ".join(_argv(args))
+    (Path(out) / SPECX_CONFIG_NAME).write_text(json.dumps(specx.validate().to_dict(), indent=2))
+
+
+def _drafter_aux_ids(folder: str) -> list[int] | None:
+    """The auxiliary target layers an EAGLE-3 checkpoint in `folder` reads, or None (no checkpoint yet)."""
+    path = Path(folder) / "config.json"
+    return json.loads(path.read_text()).get("eagle_aux_hidden_state_layer_ids") if path.exists() else None
 
 
 def _eos_ids(target_cfg) -> list[int]:

@@ -118,7 +118,8 @@ def export_eagle3(
     arch = drafter.cfg
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(dtype).contiguous() for k, v in drafter.state_dict().items()}
+    state = {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous()  # d2t stays int64
+             for k, v in drafter.state_dict().items()}
     tmp = out / (WEIGHTS_NAME + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt", "specx_drafter": "eagle3"})
     os.replace(tmp, out / WEIGHTS_NAME)
@@ -127,6 +128,7 @@ def export_eagle3(
              "head_dim": arch.head_dim, "rms_norm_eps": arch.rms_norm_eps,
              "max_position_embeddings": arch.max_position_embeddings, "rope_theta": arch.rope_theta}
     cfg = eagle3_speculators_config(target, layer, list(arch.aux_layer_ids), num_speculative_tokens)
+    cfg["draft_vocab_size"] = arch.draft_vocab_size or arch.vocab_size
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     specx = SpecxConfig(drafter="eagle3", target=target, num_speculative_tokens=num_speculative_tokens,
                         training={"arch": arch.to_dict(), **(training or {})}).validate()
@@ -142,20 +144,79 @@ def eagle3_aux_layer_ids(num_layers: int) -> list[int]:
 
 
 def random_eagle3_checkpoint(target_dir: str | Path, out_dir: str | Path, seed: int = 0,
-                             num_speculative_tokens: int = 3) -> Path:
+                             num_speculative_tokens: int = 3, draft_vocab_size: int | None = None) -> Path:
     """An untrained EAGLE-3 drafter for `target_dir` (tests vLLM's eagle3 path; no hub download).
-    Written by `export_eagle3`, so the tests that run it also cover the baseline's export."""
+    Written by `export_eagle3`, so the tests that run it also cover the baseline's export.
+    draft_vocab_size: a reduced draft vocabulary (its own head and a `d2t` map onto a random sorted subset
+    of the target's ids, always holding the first 256), as reduced-vocabulary EAGLE-3 checkpoints ship."""
     from transformers import AutoConfig
 
     from vllm_specx.core.eagle3 import Eagle3Drafter, eagle3_arch_for_target
 
     tcfg = AutoConfig.from_pretrained(str(target_dir))
     arch = eagle3_arch_for_target(tcfg, eagle3_aux_layer_ids(tcfg.num_hidden_layers))
+    arch.draft_vocab_size = draft_vocab_size
     dummy = torch.zeros(1, 1)
     drafter = Eagle3Drafter(arch, dummy, dummy)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in drafter.parameters():
             p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5 if p.dim() == 2 else torch.ones(p.shape))
+        if drafter.reduced_vocab:
+            rest = 256 + torch.randperm(arch.vocab_size - 256, generator=g)[: draft_vocab_size - 256]
+            ids = torch.cat([torch.arange(256), rest.sort().values])
+            drafter.d2t.copy_(ids - torch.arange(draft_vocab_size))
     return export_eagle3(drafter, target_signature(target_dir), out_dir, num_speculative_tokens,
                          training={"note": "random weights, for tests"})
+
+
+def load_eagle3(folder: str | Path, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor,
+                target_num_layers: int | None = None):
+    """An EAGLE-3 checkpoint in the speculators layout (this project's export, or another trainer's: tensors
+    named `midlayer.*` or `layers.0.*`, with or without its own `embed_tokens`, `lm_head` and `d2t`) as a
+    plain-PyTorch `core.eagle3.Eagle3Drafter`, for the training stages that run the drafter (early stop).
+    target_num_layers: the target's depth, for checkpoints that do not list their auxiliary layers."""
+    from vllm_specx.core.eagle3 import Eagle3ArchConfig, Eagle3Drafter
+
+    folder = Path(folder)
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+        layer = cfg["transformer_layer_config"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SpecxConfigError(f"{folder} is not an EAGLE-3 checkpoint in the speculators format ({e}).") from e
+    unsupported = [k for k in ("norm_before_fc", "fc_norm", "norm_output") if cfg.get(k)]
+    if cfg.get("norm_before_residual", True) is False or layer.get("rope_scaling") or unsupported \
+            or layer.get("num_hidden_layers", 1) != 1:
+        raise SpecxConfigError(
+            f"{folder}: the training stages model one-layer EAGLE-3 drafters with norm_before_residual and plain "
+            f"RoPE; this one differs ({unsupported or 'layers / norm placement / rope_scaling'}). Attach it "
+            "without trained parts, or give it a decision model trained elsewhere.")
+    aux = cfg.get("eagle_aux_hidden_state_layer_ids") or (
+        eagle3_aux_layer_ids(target_num_layers) if target_num_layers else None)
+    if not aux:
+        raise SpecxConfigError(f"{folder}/config.json lists no eagle_aux_hidden_state_layer_ids; pass the target.")
+    hidden, heads = layer["hidden_size"], layer["num_attention_heads"]
+    arch = Eagle3ArchConfig(
+        vocab_size=layer["vocab_size"], hidden_size=hidden, target_hidden_size=cfg.get("target_hidden_size") or hidden,
+        num_attention_heads=heads, num_key_value_heads=layer.get("num_key_value_heads", heads),
+        head_dim=layer.get("head_dim") or hidden // heads, intermediate_size=layer["intermediate_size"],
+        aux_layer_ids=tuple(aux), rms_norm_eps=layer.get("rms_norm_eps", 1e-5),
+        rope_theta=layer.get("rope_theta", 10000.0), max_position_embeddings=layer.get("max_position_embeddings", 8192),
+        draft_vocab_size=cfg.get("draft_vocab_size"))
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            state.update(load_file(str(f)))
+        except Exception as e:  # safetensors raises several types on truncated files
+            raise SpecxConfigError(f"{f} cannot be read ({e}); the checkpoint is missing or corrupt.") from e
+    state = {k.replace("layers.0.", "midlayer."): v for k, v in state.items() if k != "t2d"}
+    embed = state.pop("embed_tokens.weight", embed_weight)
+    reduced = arch.draft_vocab_size not in (None, arch.vocab_size)  # then lm_head.weight is the draft head
+    drafter = Eagle3Drafter(arch, embed, lm_head_weight if reduced else state.pop("lm_head.weight", lm_head_weight))
+    missing, unexpected = drafter.load_state_dict(
+        {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=False)
+    if missing or unexpected:
+        raise SpecxConfigError(f"{folder}: EAGLE-3 tensors do not match its config.json (missing {missing}, "
+                               f"unexpected {unexpected}).")
+    return drafter
+

@@ -32,8 +32,12 @@ _ATTN_FIELDS = ("num_actual_tokens", "query_start_loc", "seq_lens", "block_table
 
 INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.model_executor.models.llama_eagle3:Eagle3LlamaForCausalLM",
-             "EDD subclasses it: the EAGLE-3 proposer asserts isinstance(model, Eagle3LlamaForCausalLM)",
-             is_class=True, members=("combine_hidden_states", "compute_logits", "forward")),
+             "EDD subclasses it: the EAGLE-3 proposer asserts isinstance(model, Eagle3LlamaForCausalLM); an "
+             "attached EAGLE-3 drafter (eagle3_model.py) runs its __init__ and compute_logits (hidden [B, H] -> "
+             "[B, V], -inf outside a d2t draft vocabulary) unchanged",
+             is_class=True, members=("combine_hidden_states", "compute_logits", "forward", "load_weights")),
+    Internal("vllm.model_executor.models.llama_eagle3:Eagle3LlamaForCausalLM.__init__",
+             "SpecxEagle3ForCausalLM builds vLLM's EAGLE-3 layers by it", params=("self",)),
     Internal("vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer.propose",
              "calls combine_hidden_states once, then model(input_ids, positions, hidden_states) per step, "
              "feeding the second output back as the next step's hidden_states; PCT expansion reads its "
@@ -58,7 +62,10 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.transformers_utils.configs.speculators.algos:register_speculator",
              "teaches vLLM's speculators config loader the `specx_edd` algorithm", params=("name",)),
     Internal("vllm.transformers_utils.configs.speculators.algos:SUPPORTED_SPECULATORS_TYPES",
-             "idempotent registration checks this dict"),
+             "idempotent registration checks this dict; `specx_eagle3` applies its `eagle3` entry first"),
+    Internal("vllm.transformers_utils.configs.speculators.algos:update_eagle3",
+             "the `eagle3` conversion `specx_eagle3` reuses (called as config_dict=, pre_trained_config=)",
+             params=("config_dict", "pre_trained_config")),
     Internal("vllm.model_executor.layers.attention:Attention.__init__",
              "EDD's attention layer (paged KV cache, backend chosen by vLLM)",
              params=("self", "num_heads", "head_size", "scale", "num_kv_heads")),

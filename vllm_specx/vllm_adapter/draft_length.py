@@ -4,9 +4,12 @@ How it plugs in (each vLLM internal is declared in `compat.INTERNALS`):
   1. vLLM's EAGLE proposer calls the drafter's `compute_logits` exactly once per draft step with the
      step's hidden states [B, H] in batch order; `SpecxEddForCausalLM.compute_logits` hands them to
      `ChainStopController.observe`, which runs the decision model (`core.early_stop`) per request.
-  2. `SpecDecodeBaseProposer.propose` is wrapped: `begin` before it; once every request has stopped,
-     `observe` raises `_AllStopped` carrying the tokens drafted so far and the wrapper returns them
-     ([B, d] instead of [B, K]): the drafting loop ends early, which is where batch-1 time is saved.
+  2. `SpecDecodeBaseProposer.propose` is wrapped: `begin` before it; a step that does not pay runs as
+     vLLM's own K = 0 step (`skip_step`: the drafter's forward keeps its KV cache, no head). Once every
+     request has stopped, `observe` raises `_AllStopped` carrying the tokens drafted so far and the wrapper
+     returns them ([B, d] instead of [B, K]): the drafting loop ends early, which is where batch-1 time is
+     saved. vLLM's loop (`for token_index in range(K - 1)`) has no exit of its own, so this one exception
+     is the only way out short of a copy of vLLM's loop; it never leaves the wrapper.
   3. `GPUModelRunner.take_draft_token_ids` is wrapped: each request's list is cut to its own length,
      so the scheduler verifies only the tokens that request kept (vLLM supports ragged draft lists:
      ngram returns empty ones).
@@ -193,18 +196,13 @@ class ChainStopController:
         if self._req_ids is not None and self._num_sampled is not None:
             self._drafter_seen |= {r for r, n in zip(self._req_ids, self._num_sampled) if n >= 1}
 
-    def before_head(self, batch_size: int, device=None) -> None:
-        """Called by the drafter before its LM head: ends a skipped step's drafting with no tokens."""
-        if self._skipping and self._armed and self._depth == 0:
-            raise _AllStopped(torch.empty((batch_size, 0), dtype=torch.long, device=device))
-
     def observe(self, normed_hidden: torch.Tensor, logits: torch.Tensor, logprobs: bool = False,
                 topk_logprobs: torch.Tensor | None = None) -> None:
         """One draft step: normed_hidden [B, H], logits [B, V] (the token drafted is the argmax);
         logprobs=True: the row holds log-probs of a subset head that may sum to < 1 (not renormalised);
         topk_logprobs [B, k]: that row's finite entries (the rest are -inf), summarised instead of the
         row (same top probabilities and entropy, without a pass over the vocabulary)."""
-        if not self._armed:
+        if not self._armed or self._skipping:  # V2's K = 0 step still samples the prefill's head: not a draft
             return
         b = logits.shape[0]
         if self._depth == 0:

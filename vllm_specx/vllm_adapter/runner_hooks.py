@@ -32,16 +32,16 @@ def _wrap_propose(orig):
         sampling = kwargs.get("sampling_metadata", args[6] if len(args) > 6 else None)
         # instance attributes of the proposer (read strictly: a rename must fail, not arm wrongly)
         greedy_drafts = not self._enable_probabilistic_draft_probs or bool(sampling.all_greedy)
-        ctl.begin(armed=greedy_drafts and self.num_speculative_tokens > 1)
+        ctl.begin(armed=greedy_drafts and num_speculative_tokens > 1)
         next_token_ids = kwargs.get("next_token_ids", args[3] if len(args) > 3 else None)  # [B]
         branch_ctx = _branch_context(args, kwargs, next_token_ids) if greedy_drafts and ctl.expand_children else None
-        if greedy_drafts:
-            # A skipped step runs the drafter's forward over the new tokens (its KV cache stays complete,
-            # so later drafting is as good as if nothing was skipped) and stops right before the LM head
-            # (`before_head`): it saves the head and the deeper levels. With skip_forward it may return
-            # before the forward too (`forward_skipped`).
-            if ctl.skip_step(next_token_ids.shape[0]) and ctl.forward_skipped():
+        if greedy_drafts and ctl.skip_step(next_token_ids.shape[0]):
+            # A skipped step runs vLLM's own K = 0 step: the drafter's forward over the new tokens (its KV
+            # cache stays complete, so later drafting is as good as if nothing was skipped) and no head.
+            # With skip_forward it may return before the forward too (`forward_skipped`).
+            if ctl.forward_skipped():
                 return torch.empty((next_token_ids.shape[0], 0), dtype=torch.long, device=next_token_ids.device)
+            num_speculative_tokens = 0
         try:
             tokens = orig(self, num_speculative_tokens, *args, **kwargs)
         except _AllStopped as stop:
@@ -100,8 +100,10 @@ def _wrap_v2_propose(orig):
                             ctl.token_history.max_model_len, threshold=ctl.lookup_threshold(b))
         ctl.begin(armed=greedy_drafts and k > 1)
         drafts = self.draft_tokens[:b]  # [B, K]
-        if greedy_drafts and ctl.skip_step(b) and ctl.forward_skipped():
-            return _settle_v2(ctl, input_batch, req_ids, drafts.fill_(-1))
+        if greedy_drafts and ctl.skip_step(b):  # as under V1: vLLM's K = 0 step, or no forward at all
+            if ctl.forward_skipped():
+                return _settle_v2(ctl, input_batch, req_ids, drafts.fill_(-1))
+            kwargs["num_speculative_tokens"] = 0  # V2 fills the block with -1 after the drafter's forward
         try:
             drafts = orig(self, input_batch, *args, **kwargs)
         except _AllStopped as stop:

@@ -19,6 +19,10 @@ other drafters keep vLLM's rejection sampler. A batch of greedy requests whose l
 keeps vLLM's own verification (argmax matching: the same tokens). Tree steps (tree_step.py) are verified
 here too and handed back to tree_step for their accepted path's KV move.
 
+SPECX_SAMPLE_MATCH=0 (for measurements: sample-then-match against vLLM's rejection sampler on the same
+drafter) hands chain steps back to vLLM's rejection sampler and keeps vLLM's refusals; PCT tree steps, which
+vLLM cannot verify, stay here.
+
 `install_request_guards` (from the plugin, every process) lifts vLLM's refusals for specx drafters only:
 `SamplingParams` accepts min_p and logit_bias, and the runner builds the full set of logits processors
 (built-in and custom) instead of min_tokens alone. Synchronous scheduling only (vLLM-CPU always is;
@@ -28,6 +32,7 @@ specx's early stop needs it too).
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from dataclasses import replace
 
@@ -35,22 +40,28 @@ import torch
 
 from vllm_specx.core.sample_match import chain_parents, pack_drafts, sample_then_match
 from vllm_specx.core.tree_verify import VerifyResult
+from vllm_specx.vllm_adapter.drafter_parts import is_specx_model
 
 _TEMPERATURE_EPS = 1e-5  # vLLM's: below it a request is greedy
 STATS = {"steps": 0, "draws": 0}
 
 
 # ------------------------------------------------------------------------------ request guards
-def _is_specx(speculative_config) -> bool:
-    from vllm_specx.vllm_adapter.prefix_cache import is_edd_drafter
+def sample_match_on() -> bool:
+    return os.environ.get("SPECX_SAMPLE_MATCH", "1") != "0"
 
-    return speculative_config is not None and is_edd_drafter(speculative_config)
+
+def _is_specx(speculative_config) -> bool:
+    from vllm_specx.plugin import SPECX_ARCHS
+
+    draft = getattr(speculative_config, "draft_model_config", None)
+    return bool(set(getattr(draft, "architectures", None) or ()) & set(SPECX_ARCHS))
 
 
 def _wrap_validate_spec_decode(orig):
     @functools.wraps(orig)
     def _validate_spec_decode(self, speculative_config, *args, **kwargs):
-        if _is_specx(speculative_config):
+        if _is_specx(speculative_config) and sample_match_on():
             return None  # specx verifies with the request's full sampling parameters
         return orig(self, speculative_config, *args, **kwargs)
 
@@ -62,7 +73,8 @@ def _wrap_build_logitsprocs(orig):
     @functools.wraps(orig)
     def build_logitsprocs(vllm_config, device, is_pin_memory, is_pooling_model, custom_logitsprocs=(),
                           *args, **kwargs):
-        if is_pooling_model or not _is_specx(getattr(vllm_config, "speculative_config", None)):
+        if is_pooling_model or not _is_specx(getattr(vllm_config, "speculative_config", None)) \
+                or not sample_match_on():
             return orig(vllm_config, device, is_pin_memory, is_pooling_model, custom_logitsprocs, *args, **kwargs)
         import itertools
 
@@ -221,9 +233,7 @@ def _finish_tree_step(step, res: VerifyResult, sampled_token_ids: torch.Tensor, 
 
 
 def runner_drafts_with_specx(runner) -> bool:
-    from vllm_specx.vllm_adapter.edd_model import SpecxEddForCausalLM
-
-    return isinstance(getattr(getattr(runner, "drafter", None), "model", None), SpecxEddForCausalLM)
+    return is_specx_model(getattr(getattr(runner, "drafter", None), "model", None))
 
 
 def _wrap_sample(orig):
@@ -235,7 +245,8 @@ def _wrap_sample(orig):
             return orig(self, logits, spec_decode_metadata, *args, **kwargs)
         step = tree_step.tree_step_to_verify(spec_decode_metadata is not None and logits is not None)
         metadata = self.input_batch.sampling_metadata
-        if spec_decode_metadata is None or (step is None and metadata.all_greedy and _logits_untouched(metadata)):
+        if spec_decode_metadata is None or (step is None and (
+                not sample_match_on() or metadata.all_greedy and _logits_untouched(metadata))):
             return orig(self, logits, spec_decode_metadata, *args, **kwargs)
         self.input_batch.update_async_output_token_ids()  # as vLLM's _sample (a no-op when synchronous)
         rows = step.rows if step is not None else {}
@@ -257,9 +268,7 @@ _V2_SPECX_STEP = [False]  # set while a V2 runner whose drafter is specx's sampl
 
 
 def _v2_runner_drafts_with_specx(runner) -> bool:
-    from vllm_specx.vllm_adapter.edd_model import SpecxEddForCausalLM
-
-    return isinstance(getattr(getattr(runner, "speculator", None), "model", None), SpecxEddForCausalLM)
+    return is_specx_model(getattr(getattr(runner, "speculator", None), "model", None))
 
 
 def _wrap_v2_runner_sample(orig):
@@ -341,6 +350,8 @@ def _wrap_v2_rejection_sample(orig):
                 or getattr(self, "watermark_key", None) is not None or self.sampler.return_sampling_mask:
             return orig(self, logits, input_batch, draft_logits, invalid_drafts, *args, **kwargs)
         step = tree_step.tree_step_to_verify(True)
+        if step is None and not sample_match_on():
+            return orig(self, logits, input_batch, draft_logits, invalid_drafts, *args, **kwargs)
         return v2_verify_step(self, logits, input_batch, invalid_drafts, step)
 
     __call__.__specx_wrapped__ = True
