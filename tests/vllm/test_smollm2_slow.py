@@ -28,19 +28,24 @@ def _prompts(n):
             for t in texts]
 
 
-@pytest.mark.slow
-def test_bundled_edd_equals_plain_on_smollm2_60_prompts(monkeypatch):
-    """Chains at fixed K, early stop (decision model + this machine's cost model when it matches) and
-    PCT trees, each against plain decoding on 60 Spec-Bench prompts in one mixed batch."""
+def _smollm2_plain_60():
+    """(SmolLM2's folder, 60 Spec-Bench chat prompts, plain decoding's RunResult, 64 tokens, one batch)."""
     from vllm_specx.models import smollm2_path
 
     target = str(smollm2_path())
     prompts = _prompts(60)
     llm = make_llm(target, max_num_seqs=64, max_model_len=2048)
     try:
-        plain = generate(llm, prompts, max_tokens=64)
+        return target, prompts, generate(llm, prompts, max_tokens=64)
     finally:
         shutdown(llm)
+
+
+@pytest.mark.slow
+def test_bundled_edd_equals_plain_on_smollm2_60_prompts(monkeypatch):
+    """Chains at fixed K, early stop (decision model + this machine's cost model when it matches) and
+    PCT trees, each against plain decoding on 60 Spec-Bench prompts in one mixed batch."""
+    target, prompts, plain = _smollm2_plain_60()
     spec = {"method": "eagle3", "model": str(BUNDLED), "num_speculative_tokens": 5}
     for mode, env in (("chain", {"SPECX_EARLY_STOP": "0"}), ("early_stop", {"SPECX_TREE": "0"}),
                       ("pct", {"SPECX_TREE": "1"})):
@@ -131,15 +136,7 @@ def test_attached_eagle3_equals_plain_on_smollm2_60_prompts(monkeypatch):
     """The project's EAGLE-3 drafter with specx's parts (`vllm-specx attach`: its decision model, lookup table
     and cost model) against plain decoding on 60 Spec-Bench prompts in one mixed batch, chains then PCT trees
     (runner-ups as leaves), with prompt-lookup chains on."""
-    from vllm_specx.models import smollm2_path
-
-    target = str(smollm2_path())
-    prompts = _prompts(60)
-    llm = make_llm(target, max_num_seqs=64, max_model_len=2048)
-    try:
-        plain = generate(llm, prompts, max_tokens=64)
-    finally:
-        shutdown(llm)
+    target, prompts, plain = _smollm2_plain_60()
     spec = {"method": "eagle3", "model": str(SPECX_EAGLE3), "num_speculative_tokens": 8}
     for tree in ("0", "1"):
         monkeypatch.setenv("SPECX_TREE", tree)
