@@ -260,7 +260,8 @@ REGISTRY: dict[str, Bench] = {
         "-> lm_head_kernel_<device>.json"),
     "lm-head-gemma3": Bench(
         "bench_lm_head.py", [Run(["--shapes", "262144:640", "--batches", "1", "8", "32", "--name", "gemma3_vocab"])],
-        "the same at Gemma-3-270M's head (vocab 262,144, hidden 640) -> lm_head_kernel_<device>_gemma3_vocab.json"),
+        "the same at Gemma-3-270M's head (vocab 262,144, hidden 640) -> lm_head_kernel_<device>_gemma3_vocab.json",
+        output="lm_head_kernel_cpu_gemma3_vocab.json"),
     "tree-attention": Bench(
         "bench_tree_attention.py", [Run([])],
         "the tree-attention kernel (GPU) or its torch reference (CPU) -> tree_attention_kernel_<device>.json"),
@@ -387,6 +388,8 @@ def commands(bench: Bench, tag: str | None, extra: list[str],
             argv += ["--tag", full_tag]
             if bench.output:
                 result = str(RESULTS / bench.output.format(tag=full_tag))
+        elif bench.output:  # a script without --tag that writes one named file
+            result = str(RESULTS / bench.output)
         out.append(([f"benchmarks/{bench.script}", *argv, *extra], dict(run.env), result))
     return out
 
