@@ -41,6 +41,18 @@ def _smollm2_plain_60():
         shutdown(llm)
 
 
+def _assert_equals_plain_and_accepted(target, spec, prompts, plain, label) -> None:
+    """One speculative engine over the prompts (batch 64): output equals plain decoding's, and a trained
+    drafter's (or lookup) drafts are actually accepted, not merely harmless."""
+    llm = make_llm(target, spec, max_num_seqs=64, max_model_len=2048)
+    try:
+        res = generate(llm, prompts, max_tokens=64)
+    finally:
+        shutdown(llm)
+    assert_same_tokens(plain.token_ids, res.token_ids)
+    assert res.metrics.num_accepted_tokens > 0.05 * res.metrics.num_drafts, (label, res.metrics)
+
+
 @pytest.mark.slow
 def test_bundled_edd_equals_plain_on_smollm2_60_prompts(monkeypatch):
     """Chains at fixed K, early stop (decision model + this machine's cost model when it matches) and
@@ -53,14 +65,7 @@ def test_bundled_edd_equals_plain_on_smollm2_60_prompts(monkeypatch):
             monkeypatch.delenv(k, raising=False)
         for k, v in env.items():
             monkeypatch.setenv(k, v)
-        llm = make_llm(target, spec, max_num_seqs=64, max_model_len=2048)
-        try:
-            res = generate(llm, prompts, max_tokens=64)
-        finally:
-            shutdown(llm)
-        assert_same_tokens(plain.token_ids, res.token_ids)
-        # a trained drafter must actually be accepted, not merely harmless
-        assert res.metrics.num_accepted_tokens > 0.05 * res.metrics.num_drafts, (mode, res.metrics)
+        _assert_equals_plain_and_accepted(target, spec, prompts, plain, mode)
 
 
 # PCT trees where a verified node is cheap: the what-if node threshold of docs/benchmarks.md (the cost model keeps no
@@ -141,10 +146,4 @@ def test_attached_eagle3_equals_plain_on_smollm2_60_prompts(monkeypatch):
     for tree in ("0", "1"):
         monkeypatch.setenv("SPECX_TREE", tree)
         monkeypatch.setenv("SPECX_NODE_THRESHOLD", "0.05")  # draft at every batch size: the parts must act
-        llm = make_llm(target, spec, max_num_seqs=64, max_model_len=2048)
-        try:
-            res = generate(llm, prompts, max_tokens=64)
-        finally:
-            shutdown(llm)
-        assert_same_tokens(plain.token_ids, res.token_ids)
-        assert res.metrics.num_accepted_tokens > 0.05 * res.metrics.num_drafts, (tree, res.metrics)
+        _assert_equals_plain_and_accepted(target, spec, prompts, plain, f"tree={tree}")
